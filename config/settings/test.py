@@ -1,0 +1,18 @@
+"""Test settings: a real broker and a real database, never eager mode."""
+
+from .base import *  # noqa: F403
+from .base import BASE_DIR, database_from_env
+
+DEBUG = False
+SECRET_KEY = "django-insecure-test-only"  # noqa: S105
+ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1"]
+
+DATABASES = {"default": database_from_env(f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # A file, not memory: the test worker thread opens its own connection.
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / ".test-db.sqlite3")}
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+SAGA_CHAOS_ENABLED = True
+# Short backoff keeps retry tests quick; the policy shape is the same.
+SAGA_RETRY_DELAY_SCALE = 0.05
