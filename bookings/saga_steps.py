@@ -1,0 +1,194 @@
+"""The booking process as sagas: trip booking and its cancellation.
+
+Each step calls one service of the context that owns the effect and runs on
+that context's queue. Every effect is keyed so that running it twice is
+harmless: holds by booking line, payments by an idempotency key per saga.
+"""
+
+from __future__ import annotations
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.db import OperationalError
+
+from bookings import selectors
+from bookings.models import Booking
+from bookings.services import BOOKING_CANCELLATION, TRIP_BOOKING, booking_move, charge_key
+from inventory import services as inventory
+from payments import services as payments
+from payments.errors import GatewayTimeout, GatewayUnavailable
+from sagas.definitions import RetryPolicy, SagaDefinition, Step
+from sagas.errors import TransientError
+from sagas.models import Saga
+
+KINDS = {"flight": "flight_seat", "hotel": "hotel_room", "car": "car"}
+
+PAYMENT_RETRY = RetryPolicy(
+    max_retries=4,
+    backoff_s=0.5,
+    retry_on=(
+        GatewayUnavailable,
+        GatewayTimeout,
+        TransientError,
+        SoftTimeLimitExceeded,
+        OperationalError,
+    ),
+)
+
+
+def _booking_id(saga: Saga) -> str:
+    return saga.context["booking_id"]
+
+
+def _lines(saga: Saga, what: str):
+    return selectors.booking_lines(booking_id=_booking_id(saga), kind=KINDS[what])
+
+
+def _reserve(what: str):
+    def reserve(saga: Saga) -> dict:
+        holds = [
+            inventory.hold_place(sku=line.sku, quantity=line.quantity, reference=line.hold_reference)
+            for line in _lines(saga, what)
+        ]
+        return {"held": [hold.reference for hold in holds]}
+
+    reserve.__name__ = f"reserve_{what}"
+    return reserve
+
+
+def _release(what: str):
+    def release(saga: Saga) -> dict | None:
+        released = [
+            hold.reference
+            for line in _lines(saga, what)
+            if (hold := inventory.hold_release(reference=line.hold_reference)) is not None
+        ]
+        return {"released": released} if released else None
+
+    release.__name__ = f"release_{what}"
+    return release
+
+
+def _reinstate(what: str):
+    def reinstate(saga: Saga) -> dict | None:
+        reinstated = [
+            hold.reference
+            for line in _lines(saga, what)
+            if (hold := inventory.hold_reinstate(reference=line.hold_reference)) is not None
+        ]
+        return {"reinstated": reinstated} if reinstated else None
+
+    reinstate.__name__ = f"reinstate_{what}"
+    return reinstate
+
+
+def charge_payment(saga: Saga) -> dict:
+    booking = selectors.booking_get(booking_id=_booking_id(saga))
+    charge = payments.charge_create(
+        amount=booking.total,
+        currency=booking.currency,
+        card_token=saga.context["card_token"],
+        idempotency_key=charge_key(saga.id),
+        reference=f"booking:{booking.id}",
+    )
+    return {"charge": charge.gateway_charge_id, "amount": str(charge.amount)}
+
+
+def refund_payment(saga: Saga) -> dict | None:
+    refund = payments.charge_refund(idempotency_key=charge_key(saga.id), reason="trip booking undone")
+    return None if refund is None else {"refund": refund.gateway_refund_id, "amount": str(refund.amount)}
+
+
+def confirm_booking(saga: Saga) -> dict:
+    booking_id = _booking_id(saga)
+    for line in selectors.booking_lines(booking_id=booking_id):
+        inventory.hold_confirm(reference=line.hold_reference)
+    if not booking_move(booking_id=booking_id, source=Booking.Status.PENDING, target=Booking.Status.CONFIRMED):
+        raise RuntimeError(f"booking {booking_id} is no longer pending")
+    return {"booking": booking_id, "status": Booking.Status.CONFIRMED}
+
+
+def reject_booking(saga: Saga) -> None:
+    booking_move(booking_id=_booking_id(saga), source=Booking.Status.PENDING, target=Booking.Status.REJECTED)
+
+
+def flag_booking(saga: Saga) -> None:
+    booking_id = _booking_id(saga)
+    for source in (Booking.Status.PENDING, Booking.Status.CANCELLING):
+        booking_move(booking_id=booking_id, source=source, target=Booking.Status.NEEDS_ATTENTION)
+
+
+trip_booking = SagaDefinition(
+    TRIP_BOOKING,
+    steps=[
+        Step("reserve_flight", _reserve("flight"), _release("flight"), queue="inventory"),
+        Step("reserve_hotel", _reserve("hotel"), _release("hotel"), queue="inventory"),
+        Step("reserve_car", _reserve("car"), _release("car"), queue="inventory"),
+        Step(
+            "charge_payment",
+            charge_payment,
+            refund_payment,
+            queue="payments",
+            retry=PAYMENT_RETRY,
+            timeout_s=15,
+            uncertain_on=(GatewayTimeout,),
+        ),
+        Step("confirm_booking", confirm_booking, queue="bookings"),
+    ],
+    on_compensated=reject_booking,
+    on_failed=flag_booking,
+)
+
+
+# --- cancellation --------------------------------------------------------------
+
+
+def refund_cancelled_booking(saga: Saga) -> dict | None:
+    refund = payments.charge_refund(idempotency_key=saga.context["charge_key"], reason="booking cancelled")
+    return None if refund is None else {"refund": refund.gateway_refund_id, "amount": str(refund.amount)}
+
+
+def recharge_payment(saga: Saga) -> dict:
+    """Undo a cancellation's refund: the booking stands, so it is paid again."""
+    booking = selectors.booking_get(booking_id=_booking_id(saga))
+    charge = payments.charge_create(
+        amount=booking.total,
+        currency=booking.currency,
+        card_token=saga.context["card_token"],
+        idempotency_key=f"saga:{saga.id}:recharge_payment",
+        reference=f"booking:{booking.id}",
+    )
+    return {"charge": charge.gateway_charge_id, "amount": str(charge.amount)}
+
+
+def mark_cancelled(saga: Saga) -> dict:
+    booking_id = _booking_id(saga)
+    if not booking_move(
+        booking_id=booking_id, source=Booking.Status.CANCELLING, target=Booking.Status.CANCELLED
+    ):
+        raise RuntimeError(f"booking {booking_id} is no longer being cancelled")
+    return {"booking": booking_id, "status": Booking.Status.CANCELLED}
+
+
+def restore_booking(saga: Saga) -> None:
+    booking_move(booking_id=_booking_id(saga), source=Booking.Status.CANCELLING, target=Booking.Status.CONFIRMED)
+
+
+booking_cancellation = SagaDefinition(
+    BOOKING_CANCELLATION,
+    steps=[
+        Step(
+            "refund_payment",
+            refund_cancelled_booking,
+            recharge_payment,
+            queue="payments",
+            retry=PAYMENT_RETRY,
+            timeout_s=15,
+        ),
+        Step("release_car", _release("car"), _reinstate("car"), queue="inventory"),
+        Step("release_hotel", _release("hotel"), _reinstate("hotel"), queue="inventory"),
+        Step("release_flight", _release("flight"), _reinstate("flight"), queue="inventory"),
+        Step("mark_cancelled", mark_cancelled, queue="bookings"),
+    ],
+    on_compensated=restore_booking,
+    on_failed=flag_booking,
+)

@@ -1,0 +1,78 @@
+"""Fault injection read from a saga's own context (``context["chaos"]``).
+
+The plan is written when the saga starts, by code that was allowed to (the
+API checks SAGA_CHAOS_ENABLED or staff; the chaos command owns its sagas), so
+a worker needs no global switch and every fault is tied to one saga:
+
+    {
+        "fail": ["reserve_car"],                  # action fails permanently
+        "transient": {"reserve_hotel": 2},        # first 2 attempts fail, then it works
+        "compensation_fail": ["release_hotel"],   # compensation always fails
+        "compensation_transient": {"refund_payment": 1},
+        "delay_ms": {"reserve_hotel": 200},       # sleep before the action
+    }
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from sagas.errors import ChaosFailure, ChaosTransientError
+
+if TYPE_CHECKING:
+    from sagas.models import Saga
+
+PLAN_KEYS = frozenset({"fail", "transient", "compensation_fail", "compensation_transient", "delay_ms"})
+
+
+def validate_plan(plan: Any, *, actions: list[str], compensations: list[str]) -> dict[str, Any]:
+    """Return the plan if it only names known keys and steps; raise ValueError naming the problem."""
+    if not isinstance(plan, dict):
+        raise ValueError("chaos must be an object")
+    unknown = set(plan) - PLAN_KEYS
+    if unknown:
+        raise ValueError(f"unknown chaos keys {sorted(unknown)}; allowed: {sorted(PLAN_KEYS)}")
+    for key, value in plan.items():
+        if key in {"fail", "compensation_fail"}:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"chaos.{key} must be a list of step names")
+            names = value
+        else:
+            if not isinstance(value, dict) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value.values()
+            ):
+                raise ValueError(f"chaos.{key} must map step names to whole numbers >= 0")
+            names = list(value)
+        known = compensations if key.startswith("compensation") else actions
+        if key == "delay_ms":
+            known = actions + compensations
+        bad = [name for name in names if name not in known]
+        if bad:
+            raise ValueError(f"chaos.{key} names unknown steps {bad}; known: {known}")
+    return plan
+
+
+def before_action(saga: Saga, step: str, attempt: int) -> None:
+    plan = saga.context.get("chaos")
+    if not plan:
+        return
+    delay_ms = plan.get("delay_ms", {}).get(step)
+    if delay_ms:
+        time.sleep(delay_ms / 1000)
+    if step in plan.get("fail", ()):
+        raise ChaosFailure(f"chaos: {step} fails")
+    if attempt <= plan.get("transient", {}).get(step, 0):
+        raise ChaosTransientError(f"chaos: {step} fails transiently (attempt {attempt})")
+
+
+def before_compensation(saga: Saga, step: str, attempt: int) -> None:
+    plan = saga.context.get("chaos")
+    if not plan:
+        return
+    if step in plan.get("compensation_fail", ()):
+        raise ChaosFailure(f"chaos: compensation of {step} fails")
+    if attempt <= plan.get("compensation_transient", {}).get(step, 0):
+        raise ChaosTransientError(
+            f"chaos: compensation of {step} fails transiently (attempt {attempt})"
+        )

@@ -1,0 +1,115 @@
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+
+class Saga(models.Model):
+    """One run of a saga type, acting for one business key.
+
+    ``steps_done`` counts the actions that committed, in order; ``undo_cursor``
+    counts the steps still to undo while compensating. Both move only through
+    conditional UPDATEs in the same transaction as a step's effect, which is
+    what makes redelivered and concurrent step messages harmless.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "PENDING", "Pending"
+        RUNNING = "RUNNING", "Running"
+        COMPENSATING = "COMPENSATING", "Compensating"
+        COMPLETED = "COMPLETED", "Completed"
+        COMPENSATED = "COMPENSATED", "Compensated"
+        FAILED = "FAILED", "Failed"
+
+    TERMINAL = (Status.COMPLETED, Status.COMPENSATED, Status.FAILED)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    saga_type = models.CharField(max_length=64)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    business_key = models.CharField(max_length=128, db_index=True)
+    context = models.JSONField(default=dict, blank=True)
+    current_step = models.CharField(max_length=64, blank=True)
+    steps_done = models.PositiveSmallIntegerField(default=0)
+    undo_cursor = models.PositiveSmallIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    deadline = models.DateTimeField(null=True, blank=True)
+    failure_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["status", "-created_at"], name="saga_status_created"),
+            models.Index(fields=["saga_type", "-created_at"], name="saga_type_created"),
+            models.Index(fields=["-created_at"], name="saga_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.saga_type} {self.id} ({self.status})"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL
+
+    @property
+    def duration_ms(self) -> int | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return int((self.finished_at - self.started_at).total_seconds() * 1000)
+
+
+class SagaLog(models.Model):
+    """Append-only history: one row per step attempt and phase.
+
+    A SUCCEEDED or SKIPPED row is also the barrier of its (saga, step, phase):
+    the partial unique constraint lets at most one exist, written in the same
+    transaction as the step's effect.
+    """
+
+    class Phase(models.TextChoices):
+        ACTION = "action", "Action"
+        COMPENSATION = "compensation", "Compensation"
+        OPERATOR = "operator", "Operator"
+
+    class Status(models.TextChoices):
+        SUCCEEDED = "succeeded", "Succeeded"
+        SKIPPED = "skipped", "Skipped"
+        RETRYING = "retrying", "Failed, will retry"
+        FAILED = "failed", "Failed"
+        TIMED_OUT = "timed_out", "Timed out (may have had an effect)"
+        DUPLICATE = "duplicate", "Duplicate delivery, ignored"
+        IGNORED = "ignored", "Arrived too late, ignored"
+        NOTE = "note", "Operator note"
+
+    DONE = (Status.SUCCEEDED, Status.SKIPPED)
+
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="logs")
+    step = models.CharField(max_length=64)
+    step_index = models.PositiveSmallIntegerField()
+    phase = models.CharField(max_length=16, choices=Phase.choices)
+    status = models.CharField(max_length=16, choices=Status.choices)
+    attempt = models.PositiveSmallIntegerField(default=1)
+    task_id = models.CharField(max_length=255, blank=True)
+    worker = models.CharField(max_length=255, blank=True)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField()
+    duration_ms = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    result = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["started_at", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["saga", "step", "phase"],
+                condition=Q(status__in=["succeeded", "skipped"]),
+                name="sagalog_one_success_per_step_phase",
+            ),
+        ]
+        indexes = [models.Index(fields=["saga", "started_at"], name="sagalog_saga_started")]
+
+    def __str__(self) -> str:
+        return f"{self.step} {self.phase} #{self.attempt}: {self.status}"

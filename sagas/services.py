@@ -1,0 +1,212 @@
+"""Writes of the saga engine. Every status change is a conditional UPDATE."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from sagas.definitions import SagaDefinition, registry
+from sagas.errors import InvalidSagaState, SagaNotFound
+from sagas.models import Saga, SagaLog
+
+logger = logging.getLogger(__name__)
+
+Status = Saga.Status
+
+
+def saga_start(
+    *,
+    saga_type: str,
+    business_key: str,
+    context: dict[str, Any] | None = None,
+    deadline_s: int | None = None,
+) -> Saga:
+    """Persist a PENDING saga in the caller's transaction; publish its chain after commit.
+
+    If the process dies between the commit and the publish, the reconciler
+    (``sagas.reconcile_pending`` on beat) publishes it.
+    """
+    definition = registry.get(saga_type)
+    now = timezone.now()
+    saga = Saga.objects.create(
+        saga_type=definition.name,
+        business_key=business_key,
+        context=context or {},
+        deadline=now + timedelta(seconds=deadline_s or definition.deadline_s),
+    )
+    transaction.on_commit(partial(saga_publish, saga_id=saga.id, saga_type=definition.name))
+    return saga
+
+
+def saga_publish(*, saga_id, saga_type: str) -> bool:
+    """Publish the action chain and mark the saga RUNNING. False if the broker refused."""
+    definition = registry.get(saga_type)
+    try:
+        definition.action_chain(str(saga_id)).apply_async()
+    except Exception:
+        logger.exception("saga %s: publishing failed; the reconciler will retry", saga_id)
+        return False
+    now = timezone.now()
+    Saga.objects.filter(pk=saga_id, status=Status.PENDING).update(
+        status=Status.RUNNING,
+        dispatched_at=now,
+        started_at=Coalesce(F("started_at"), now),
+        updated_at=now,
+    )
+    return True
+
+
+def sagas_reconcile_pending(*, limit: int = 500) -> int:
+    """Publish sagas committed but never published. Safe to run on two beats at once.
+
+    A saga is taken only by the process whose conditional UPDATE stamps its
+    ``dispatched_at``; a publish that reaches the broker twice is harmless
+    anyway, because every step is guarded by the barrier.
+    """
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=settings.SAGA_DISPATCH_GRACE_S)
+    stale = Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=cutoff)
+    candidates = list(
+        Saga.objects.filter(stale, status=Status.PENDING, created_at__lt=cutoff)
+        .order_by("created_at")
+        .values_list("id", "saga_type")[:limit]
+    )
+    published = 0
+    for saga_id, saga_type in candidates:
+        claimed = (
+            Saga.objects.filter(stale, pk=saga_id, status=Status.PENDING)
+            .update(dispatched_at=now)
+        )
+        if claimed and saga_publish(saga_id=saga_id, saga_type=saga_type):
+            published += 1
+    if published:
+        logger.warning("re-dispatched %d saga(s) that were committed but never published", published)
+    return published
+
+
+def saga_begin_compensation(*, saga_id, failed_task_id: str = "") -> bool:
+    """Claim a failed saga (PENDING/RUNNING -> COMPENSATING) and queue its compensations.
+
+    Only the caller whose UPDATE moved the row queues anything, so a second
+    errback for the same saga is a no-op. The failing step is undone too when
+    it may have had an effect: its last attempt timed out, or it left no record
+    at all (the worker was killed or hit the hard time limit).
+    """
+    with transaction.atomic():
+        claimed = Saga.objects.filter(
+            pk=saga_id, status__in=(Status.PENDING, Status.RUNNING)
+        ).update(status=Status.COMPENSATING, updated_at=timezone.now())
+        if not claimed:
+            logger.info("saga %s: already claimed, errback for %s ignored", saga_id, failed_task_id)
+            return False
+        saga = Saga.objects.get(pk=saga_id)
+        definition = registry.get(saga.saga_type)
+        undo = saga.steps_done
+        reason = f"step {_step_name(definition, undo)} failed"
+        if undo < len(definition.steps):
+            failed = _last_attempt(saga, definition.steps[undo].name, SagaLog.Phase.ACTION)
+            if failed is None or failed.status == SagaLog.Status.TIMED_OUT:
+                undo += 1
+            if failed is not None and failed.error:
+                reason = f"{reason}: {failed.error}"
+        saga.undo_cursor = undo
+        saga.failure_reason = reason
+        saga.save(update_fields=["undo_cursor", "failure_reason"])
+        transaction.on_commit(partial(_publish_compensation, definition, saga.id, undo))
+    return True
+
+
+def saga_finish_compensation(*, saga_id) -> bool:
+    with transaction.atomic():
+        now = timezone.now()
+        done = Saga.objects.filter(pk=saga_id, status=Status.COMPENSATING).update(
+            status=Status.COMPENSATED, current_step="", finished_at=now, updated_at=now
+        )
+        if done:
+            saga = Saga.objects.get(pk=saga_id)
+            hook = registry.get(saga.saga_type).on_compensated
+            if hook:
+                hook(saga)
+    return bool(done)
+
+
+def saga_fail_compensation(*, saga_id, failed_task_id: str = "") -> bool:
+    """A compensation exhausted its retries: COMPENSATING -> FAILED; an operator must act."""
+    with transaction.atomic():
+        saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
+        if saga is None or saga.status != Status.COMPENSATING:
+            return False
+        definition = registry.get(saga.saga_type)
+        last = (
+            SagaLog.objects.filter(saga=saga, phase=SagaLog.Phase.COMPENSATION)
+            .exclude(status__in=SagaLog.DONE)
+            .order_by("-started_at", "-id")
+            .first()
+        )
+        step = last.step if last else definition.steps[max(saga.undo_cursor - 1, 0)].undo_name
+        error = f": {last.error}" if last and last.error else ""
+        now = timezone.now()
+        saga.status = Status.FAILED
+        saga.failure_reason = f"compensation of {step} exhausted its retries{error}"
+        saga.finished_at = now
+        saga.save(update_fields=["status", "failure_reason", "finished_at", "updated_at"])
+        if definition.on_failed:
+            definition.on_failed(saga)
+    return True
+
+
+def saga_retry_compensation(*, saga_id, operator: str) -> Saga:
+    """Operator action on a FAILED saga: compensate again from where it stopped."""
+    with transaction.atomic():
+        saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
+        if saga is None:
+            raise SagaNotFound(f"saga {saga_id} does not exist")
+        if saga.status != Status.FAILED:
+            raise InvalidSagaState(f"only FAILED sagas can retry compensation; this one is {saga.status}")
+        definition = registry.get(saga.saga_type)
+        saga.status = Status.COMPENSATING
+        saga.finished_at = None
+        saga.save(update_fields=["status", "finished_at", "updated_at"])
+        saga_log_note(saga=saga, text=f"compensation retried by {operator}")
+        transaction.on_commit(partial(_publish_compensation, definition, saga.id, saga.undo_cursor))
+    return saga
+
+
+def saga_log_note(*, saga: Saga, text: str) -> SagaLog:
+    now = timezone.now()
+    return SagaLog.objects.create(
+        saga=saga,
+        step=saga.current_step or "-",
+        step_index=0,
+        phase=SagaLog.Phase.OPERATOR,
+        status=SagaLog.Status.NOTE,
+        started_at=now,
+        finished_at=now,
+        error=text,
+    )
+
+
+def _publish_compensation(definition: SagaDefinition, saga_id, undo: int) -> None:
+    definition.compensation_chain(str(saga_id), undo).apply_async()
+
+
+def _last_attempt(saga: Saga, step: str, phase: str) -> SagaLog | None:
+    return (
+        SagaLog.objects.filter(saga=saga, step=step, phase=phase)
+        .order_by("-started_at", "-id")
+        .first()
+    )
+
+
+def _step_name(definition: SagaDefinition, index: int) -> str:
+    if 0 <= index < len(definition.steps):
+        return definition.steps[index].name
+    return "-"

@@ -1,0 +1,59 @@
+"""Booking and observing sagas the way a client and an operator would."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from bookings import services as booking_services
+from bookings.models import Booking
+from inventory.models import Item
+from sagas.models import Saga, SagaLog
+from tests.conftest import wait_for
+
+TRIP_STEPS = ["reserve_flight", "reserve_hotel", "reserve_car", "charge_payment", "confirm_booking"]
+
+
+def book_trip(user, items, *, chaos=None, card_token="tok_ok", quantity=1) -> Booking:
+    lines = [
+        booking_services.LineRequest(sku=items[what].sku, quantity=quantity)
+        for what in ("flight", "hotel", "car")
+    ]
+    total = sum((items[what].price * quantity for what in ("flight", "hotel", "car")), Decimal(0))
+    return booking_services.booking_create(
+        user=user,
+        customer_name="Alice Example",
+        customer_email="alice@example.com",
+        lines=lines,
+        payment=booking_services.PaymentRequest(amount=total, currency="EUR", card_token=card_token),
+        chaos=chaos,
+    )
+
+
+def wait_terminal(saga_id, *, timeout: float = 30.0) -> Saga:
+    def terminal():
+        saga = Saga.objects.get(pk=saga_id)
+        return saga if saga.is_terminal else None
+
+    return wait_for(terminal, timeout=timeout, message=f"saga {saga_id} to finish")
+
+
+def log_rows(saga_id, *, phase: str, statuses=None) -> list[tuple[str, str]]:
+    rows = SagaLog.objects.filter(saga_id=saga_id, phase=phase).order_by("started_at", "id")
+    if statuses is not None:
+        rows = rows.filter(status__in=statuses)
+    return list(rows.values_list("step", "status"))
+
+
+def done_steps(saga_id, *, phase: str) -> list[str]:
+    return [step for step, _ in log_rows(saga_id, phase=phase, statuses=SagaLog.DONE)]
+
+
+def stock(items) -> dict[str, tuple[int, int, int]]:
+    """(available, held, sold) per SKU, read fresh from the database."""
+    skus = [item.sku for item in items.values()]
+    return {
+        sku: (available, held, sold)
+        for sku, available, held, sold in Item.objects.filter(sku__in=skus).values_list(
+            "sku", "available", "held", "sold"
+        )
+    }
