@@ -1,0 +1,81 @@
+"""Reads of payments. Other contexts receive the frozen dataclasses, not models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.db.models import DecimalField, Q, Sum, Value
+from django.db.models.functions import Coalesce
+
+from payments.models import Charge, LedgerEntry
+
+ZERO = Decimal("0.00")
+
+
+@dataclass(frozen=True)
+class ChargeInfo:
+    idempotency_key: str
+    reference: str
+    amount: Decimal
+    currency: str
+    status: str
+    refunded_amount: Decimal
+    gateway_charge_id: str
+    created_at: datetime
+
+
+def charge_for_key(*, idempotency_key: str) -> ChargeInfo | None:
+    charge = Charge.objects.filter(idempotency_key=idempotency_key).first()
+    return _charge_info(charge) if charge is not None else None
+
+
+def charges_for_reference(*, reference: str) -> list[ChargeInfo]:
+    charges = Charge.objects.filter(reference=reference).order_by("created_at", "id")
+    return [_charge_info(charge) for charge in charges]
+
+
+def money_totals(
+    *, references: list[str] | None = None, currency: str | None = None
+) -> dict[str, Decimal]:
+    """Charged, refunded (as a positive sum) and net money, from the ledger.
+
+    Limited to ``references`` and ``currency`` when given. Without a currency
+    the sums add up amounts of every currency, which is only meaningful as an
+    invariant check (e.g. net must be 0).
+    """
+    entries = LedgerEntry.objects.all()
+    if references is not None:
+        entries = entries.filter(reference__in=references)
+    if currency is not None:
+        entries = entries.filter(currency=currency)
+    totals = entries.aggregate(
+        charged=_sum(only=Q(entry_type=LedgerEntry.EntryType.CHARGE)),
+        refunds=_sum(only=Q(entry_type=LedgerEntry.EntryType.REFUND)),
+    )
+    charged, refunded = totals["charged"], -totals["refunds"]
+    return {"charged": charged, "refunded": refunded, "net": charged - refunded}
+
+
+def ledger_balance() -> Decimal:
+    """The sum of every ledger entry: charges minus refunds."""
+    return LedgerEntry.objects.aggregate(balance=_sum())["balance"]
+
+
+def _sum(*, only: Q | None = None) -> Coalesce:
+    money = DecimalField(max_digits=14, decimal_places=2)
+    return Coalesce(Sum("amount", filter=only), Value(ZERO), output_field=money)
+
+
+def _charge_info(charge: Charge) -> ChargeInfo:
+    return ChargeInfo(
+        idempotency_key=charge.idempotency_key,
+        reference=charge.reference,
+        amount=charge.amount,
+        currency=charge.currency,
+        status=charge.status,
+        refunded_amount=charge.refunded_amount,
+        gateway_charge_id=charge.gateway_charge_id,
+        created_at=charge.created_at,
+    )
