@@ -15,7 +15,9 @@ class Booking(models.Model):
         NEEDS_ATTENTION = "NEEDS_ATTENTION", "Needs attention (compensation failed)"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="bookings")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="bookings"
+    )
     customer_name = models.CharField(max_length=200)
     customer_email = models.EmailField()
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
@@ -30,7 +32,9 @@ class Booking(models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["user", "-created_at"], name="booking_user_created")]
-        constraints = [models.CheckConstraint(condition=Q(total__gt=0), name="booking_total_positive")]
+        constraints = [
+            models.CheckConstraint(condition=Q(total__gt=0), name="booking_total_positive")
+        ]
 
     def __str__(self) -> str:
         return f"Booking {self.id} ({self.status})"
@@ -47,7 +51,11 @@ class BookingLine(models.Model):
 
     class Meta:
         ordering = ["id"]
-        constraints = [models.CheckConstraint(condition=Q(quantity__gte=1), name="bookingline_quantity_positive")]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(quantity__gte=1), name="bookingline_quantity_positive"
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.quantity} x {self.sku}"

@@ -46,7 +46,9 @@ def _lines(saga: Saga, what: str):
 def _reserve(what: str):
     def reserve(saga: Saga) -> dict:
         holds = [
-            inventory.hold_place(sku=line.sku, quantity=line.quantity, reference=line.hold_reference)
+            inventory.hold_place(
+                sku=line.sku, quantity=line.quantity, reference=line.hold_reference
+            )
             for line in _lines(saga, what)
         ]
         return {"held": [hold.reference for hold in holds]}
@@ -94,21 +96,31 @@ def charge_payment(saga: Saga) -> dict:
 
 
 def refund_payment(saga: Saga) -> dict | None:
-    refund = payments.charge_refund(idempotency_key=charge_key(saga.id), reason="trip booking undone")
-    return None if refund is None else {"refund": refund.gateway_refund_id, "amount": str(refund.amount)}
+    refund = payments.charge_refund(
+        idempotency_key=charge_key(saga.id), reason="trip booking undone"
+    )
+    return (
+        None
+        if refund is None
+        else {"refund": refund.gateway_refund_id, "amount": str(refund.amount)}
+    )
 
 
 def confirm_booking(saga: Saga) -> dict:
     booking_id = _booking_id(saga)
     for line in selectors.booking_lines(booking_id=booking_id):
         inventory.hold_confirm(reference=line.hold_reference)
-    if not booking_move(booking_id=booking_id, source=Booking.Status.PENDING, target=Booking.Status.CONFIRMED):
+    if not booking_move(
+        booking_id=booking_id, source=Booking.Status.PENDING, target=Booking.Status.CONFIRMED
+    ):
         raise RuntimeError(f"booking {booking_id} is no longer pending")
     return {"booking": booking_id, "status": Booking.Status.CONFIRMED}
 
 
 def reject_booking(saga: Saga) -> None:
-    booking_move(booking_id=_booking_id(saga), source=Booking.Status.PENDING, target=Booking.Status.REJECTED)
+    booking_move(
+        booking_id=_booking_id(saga), source=Booking.Status.PENDING, target=Booking.Status.REJECTED
+    )
 
 
 def flag_booking(saga: Saga) -> None:
@@ -143,8 +155,14 @@ trip_booking = SagaDefinition(
 
 
 def refund_cancelled_booking(saga: Saga) -> dict | None:
-    refund = payments.charge_refund(idempotency_key=saga.context["charge_key"], reason="booking cancelled")
-    return None if refund is None else {"refund": refund.gateway_refund_id, "amount": str(refund.amount)}
+    refund = payments.charge_refund(
+        idempotency_key=saga.context["charge_key"], reason="booking cancelled"
+    )
+    return (
+        None
+        if refund is None
+        else {"refund": refund.gateway_refund_id, "amount": str(refund.amount)}
+    )
 
 
 def recharge_payment(saga: Saga) -> dict:
@@ -170,7 +188,11 @@ def mark_cancelled(saga: Saga) -> dict:
 
 
 def restore_booking(saga: Saga) -> None:
-    booking_move(booking_id=_booking_id(saga), source=Booking.Status.CANCELLING, target=Booking.Status.CONFIRMED)
+    booking_move(
+        booking_id=_booking_id(saga),
+        source=Booking.Status.CANCELLING,
+        target=Booking.Status.CONFIRMED,
+    )
 
 
 booking_cancellation = SagaDefinition(

@@ -149,6 +149,4 @@ def _validate_chaos(saga_type: str, chaos: dict[str, Any]) -> None:
 
 def booking_move(*, booking_id, source: str, target: str) -> bool:
     """Conditional status change; False if the booking was not in ``source``."""
-    return bool(
-        Booking.objects.filter(pk=booking_id, status=source).update(status=target)
-    )
+    return bool(Booking.objects.filter(pk=booking_id, status=source).update(status=target))

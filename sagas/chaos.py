@@ -23,11 +23,13 @@ from sagas.errors import ChaosFailure, ChaosTransientError
 if TYPE_CHECKING:
     from sagas.models import Saga
 
-PLAN_KEYS = frozenset({"fail", "transient", "compensation_fail", "compensation_transient", "delay_ms"})
+PLAN_KEYS = frozenset(
+    {"fail", "transient", "compensation_fail", "compensation_transient", "delay_ms"}
+)
 
 
 def validate_plan(plan: Any, *, actions: list[str], compensations: list[str]) -> dict[str, Any]:
-    """Return the plan if it only names known keys and steps; raise ValueError naming the problem."""
+    """Return the plan if it names only known keys and steps; else ValueError naming the problem."""
     if not isinstance(plan, dict):
         raise ValueError("chaos must be an object")
     unknown = set(plan) - PLAN_KEYS

@@ -11,10 +11,11 @@
     )
 
 Each step becomes up to two named Celery tasks, ``<saga>.<step>`` and
-``<saga>.<compensation>`` (e.g. ``trip_booking.release_hotel``), routed to the step's queue, so Flower and the
-result store show what ran. Step functions take the locked ``Saga`` row and
-return a small JSON-serialisable dict (stored in SagaLog) or ``None``; a
-compensation returning ``None`` found nothing to undo and is logged as skipped.
+``<saga>.<compensation>`` (e.g. ``trip_booking.release_hotel``), routed to
+the step's queue, so Flower and the result store show what ran. Step
+functions take the locked ``Saga`` row and return a small JSON-serialisable
+dict (stored in SagaLog) or ``None``; a compensation returning ``None`` found
+nothing to undo and is logged as skipped.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from celery.canvas import Signature
 
     from sagas.models import Saga
+
+# Saga-level tasks (errbacks, finishing, reconciling) run here; steps name their own.
+SAGA_QUEUE = "sagas"
 
 StepFn = Callable[["Saga"], dict[str, Any] | None]
 Hook = Callable[["Saga"], None]
@@ -154,7 +158,7 @@ class SagaDefinition:
             self.action_tasks[index]
             .si(saga_id=saga_id)
             .set(queue=step.queue)
-            .on_error(step_failed.s(saga_id=saga_id))
+            .on_error(step_failed.s(saga_id=saga_id).set(queue=SAGA_QUEUE))
         )
 
     def compensation_signature(self, index: int, saga_id: str) -> Signature:
@@ -166,7 +170,7 @@ class SagaDefinition:
         return (
             task.si(saga_id=saga_id)
             .set(queue=self.steps[index].queue)
-            .on_error(compensation_failed.s(saga_id=saga_id))
+            .on_error(compensation_failed.s(saga_id=saga_id).set(queue=SAGA_QUEUE))
         )
 
     def action_chain(self, saga_id: str) -> Signature:
@@ -181,14 +185,13 @@ class SagaDefinition:
             for i in reversed(range(undo_count))
             if self.compensation_tasks[i] is not None
         ]
-        signatures.append(finish_compensation.si(saga_id=saga_id))
+        signatures.append(finish_compensation.si(saga_id=saga_id).set(queue=SAGA_QUEUE))
         return chain(*signatures)
 
     # --- tasks -----------------------------------------------------------------
     def _task_options(self, step: Step) -> dict[str, Any]:
         return {
             "bind": True,
-            "queue": step.queue,
             "soft_time_limit": step.timeout_s,
             "time_limit": step.timeout_s + 5,
             "acks_late": True,

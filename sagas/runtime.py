@@ -188,9 +188,7 @@ def run_compensation(task: Task, definition: SagaDefinition, index: int, saga_id
 
 def _settle(attempt: _Attempt, outcome: _Outcome) -> dict:
     """Record a delivery that had nothing to do; stop the chain if the saga moved on."""
-    logger.info(
-        "saga %s %s %s: %s", attempt.saga_id, attempt.name, attempt.phase, outcome.reason
-    )
+    logger.info("saga %s %s %s: %s", attempt.saga_id, attempt.name, attempt.phase, outcome.reason)
     if Saga.objects.filter(pk=attempt.saga_id).exists():
         attempt.log(outcome.status, error=outcome.reason)
     if not outcome.continue_chain:

@@ -81,14 +81,15 @@ def sagas_reconcile_pending(*, limit: int = 500) -> int:
     )
     published = 0
     for saga_id, saga_type in candidates:
-        claimed = (
-            Saga.objects.filter(stale, pk=saga_id, status=Status.PENDING)
-            .update(dispatched_at=now)
+        claimed = Saga.objects.filter(stale, pk=saga_id, status=Status.PENDING).update(
+            dispatched_at=now
         )
         if claimed and saga_publish(saga_id=saga_id, saga_type=saga_type):
             published += 1
     if published:
-        logger.warning("re-dispatched %d saga(s) that were committed but never published", published)
+        logger.warning(
+            "re-dispatched %d saga(s) that were committed but never published", published
+        )
     return published
 
 
@@ -170,7 +171,9 @@ def saga_retry_compensation(*, saga_id, operator: str) -> Saga:
         if saga is None:
             raise SagaNotFound(f"saga {saga_id} does not exist")
         if saga.status != Status.FAILED:
-            raise InvalidSagaState(f"only FAILED sagas can retry compensation; this one is {saga.status}")
+            raise InvalidSagaState(
+                f"only FAILED sagas can retry compensation; this one is {saga.status}"
+            )
         definition = registry.get(saga.saga_type)
         saga.status = Status.COMPENSATING
         saga.finished_at = None

@@ -11,24 +11,22 @@ from celery import shared_task
 
 from sagas import services
 
-QUEUE = "sagas"
 
-
-@shared_task(bind=True, name="sagas.step_failed", queue=QUEUE, acks_late=True)
+@shared_task(bind=True, name="sagas.step_failed", acks_late=True)
 def step_failed(self, failed_task_id: str = "", *, saga_id: str, **_ignored: Any) -> bool:
     return services.saga_begin_compensation(saga_id=saga_id, failed_task_id=failed_task_id)
 
 
-@shared_task(bind=True, name="sagas.compensation_failed", queue=QUEUE, acks_late=True)
+@shared_task(bind=True, name="sagas.compensation_failed", acks_late=True)
 def compensation_failed(self, failed_task_id: str = "", *, saga_id: str, **_ignored: Any) -> bool:
     return services.saga_fail_compensation(saga_id=saga_id, failed_task_id=failed_task_id)
 
 
-@shared_task(name="sagas.finish_compensation", queue=QUEUE, acks_late=True)
+@shared_task(name="sagas.finish_compensation", acks_late=True)
 def finish_compensation(*, saga_id: str, **_ignored: Any) -> bool:
     return services.saga_finish_compensation(saga_id=saga_id)
 
 
-@shared_task(name="sagas.reconcile_pending", queue=QUEUE, acks_late=True)
+@shared_task(name="sagas.reconcile_pending", acks_late=True)
 def reconcile_pending(**_ignored: Any) -> int:
     return services.sagas_reconcile_pending()

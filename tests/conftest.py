@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from decimal import Decimal
 
@@ -25,8 +26,18 @@ def celery_worker(django_db_setup, django_db_blocker):
     the test's DB connection (Celery's Django fixup closes it on start).
     """
     from celery.contrib.testing.worker import start_worker
+    from django.db import connections
 
     from config.celery_app import app
+
+    closed = threading.Event()
+
+    @app.task(name="tests.close_worker_connections", ignore_result=True)
+    def close_worker_connections():
+        # Runs in the worker thread: its reused connection would otherwise keep
+        # the test database open and stop pytest-django from dropping it.
+        connections.close_all()
+        closed.set()
 
     purge_broker(app)
     with (
@@ -42,6 +53,8 @@ def celery_worker(django_db_setup, django_db_blocker):
         ) as worker,
     ):
         yield worker
+        close_worker_connections.apply_async(queue="sagas")
+        assert closed.wait(30), "the worker did not close its database connections"
 
 
 @pytest.fixture
@@ -56,16 +69,28 @@ def trip_items():
 
     return {
         "flight": services.item_create(
-            sku="FL-TEST", kind="flight_seat", name="Test flight", capacity=5,
-            price=Decimal("200.00"), currency="EUR",
+            sku="FL-TEST",
+            kind="flight_seat",
+            name="Test flight",
+            capacity=5,
+            price=Decimal("200.00"),
+            currency="EUR",
         ),
         "hotel": services.item_create(
-            sku="HT-TEST", kind="hotel_room", name="Test hotel", capacity=5,
-            price=Decimal("120.00"), currency="EUR",
+            sku="HT-TEST",
+            kind="hotel_room",
+            name="Test hotel",
+            capacity=5,
+            price=Decimal("120.00"),
+            currency="EUR",
         ),
         "car": services.item_create(
-            sku="CR-TEST", kind="car", name="Test car", capacity=5,
-            price=Decimal("40.00"), currency="EUR",
+            sku="CR-TEST",
+            kind="car",
+            name="Test car",
+            capacity=5,
+            price=Decimal("40.00"),
+            currency="EUR",
         ),
     }
 

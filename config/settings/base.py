@@ -18,7 +18,9 @@ def env_bool(name: str, default: bool) -> bool:
         return True
     if value in {"0", "false", "no", "off"}:
         return False
-    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean: use one of 1/0, true/false, yes/no, on/off")
+    raise ImproperlyConfigured(
+        f"{name}={raw!r} is not a boolean: use one of 1/0, true/false, yes/no, on/off"
+    )
 
 
 def env_int(name: str, default: int, *, minimum: int = 0) -> int:
@@ -154,7 +156,9 @@ SAGA_MAX_RETRY_DELAY_S = env_int("SAGA_MAX_RETRY_DELAY_S", 30, minimum=1)
 # runs twice. Raise it with either of those.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": env_int(
-        "CELERY_VISIBILITY_TIMEOUT", 2 * (CELERY_TASK_TIME_LIMIT + SAGA_MAX_RETRY_DELAY_S), minimum=1
+        "CELERY_VISIBILITY_TIMEOUT",
+        2 * (CELERY_TASK_TIME_LIMIT + SAGA_MAX_RETRY_DELAY_S),
+        minimum=1,
     ),
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
@@ -172,6 +176,7 @@ CELERY_BEAT_SCHEDULE = {
     "sagas-reconcile-pending": {
         "task": "sagas.reconcile_pending",
         "schedule": float(env_int("SAGA_RECONCILE_INTERVAL_S", 5, minimum=1)),
+        "options": {"queue": "sagas", "expires": 30},
     },
 }
 

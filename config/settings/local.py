@@ -4,7 +4,7 @@ from .base import *  # noqa: F403
 from .base import BASE_DIR, database_from_env, env_bool, env_list
 
 DEBUG = True
-SECRET_KEY = "django-insecure-local-development-only"  # noqa: S105
+SECRET_KEY = "django-insecure-local-development-only"
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 
 DATABASES = {"default": database_from_env(f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}

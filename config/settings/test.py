@@ -4,7 +4,7 @@ from .base import *  # noqa: F403
 from .base import BASE_DIR, database_from_env
 
 DEBUG = False
-SECRET_KEY = "django-insecure-test-only"  # noqa: S105
+SECRET_KEY = "django-insecure-test-only"
 ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1"]
 
 DATABASES = {"default": database_from_env(f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}

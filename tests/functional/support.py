@@ -24,7 +24,9 @@ def book_trip(user, items, *, chaos=None, card_token="tok_ok", quantity=1) -> Bo
         customer_name="Alice Example",
         customer_email="alice@example.com",
         lines=lines,
-        payment=booking_services.PaymentRequest(amount=total, currency="EUR", card_token=card_token),
+        payment=booking_services.PaymentRequest(
+            amount=total, currency="EUR", card_token=card_token
+        ),
         chaos=chaos,
     )
 

@@ -14,7 +14,13 @@ from tests.functional.support import book_trip, done_steps, log_rows, stock, wai
 
 pytestmark = [pytest.mark.saga, pytest.mark.django_db(transaction=True)]
 
-CANCEL_STEPS = ["refund_payment", "release_car", "release_hotel", "release_flight", "mark_cancelled"]
+CANCEL_STEPS = [
+    "refund_payment",
+    "release_car",
+    "release_hotel",
+    "release_flight",
+    "mark_cancelled",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +36,9 @@ def confirmed_booking(customer, trip_items):
     return booking
 
 
-def test_cancelling_a_confirmed_booking_refunds_and_releases_everything(confirmed_booking, trip_items):
+def test_cancelling_a_confirmed_booking_refunds_and_releases_everything(
+    confirmed_booking, trip_items
+):
     booking = booking_services.booking_cancel(booking_id=confirmed_booking.id)
     assert booking.status == Booking.Status.CANCELLING
 
@@ -46,7 +54,11 @@ def test_cancelling_a_confirmed_booking_refunds_and_releases_everything(confirme
     holds = inventory_selectors.holds_by_reference(references=references)
     assert {hold.status for hold in holds.values()} == {"RELEASED"}
     totals = payment_selectors.money_totals(references=[f"booking:{booking.id}"])
-    assert totals == {"charged": Decimal("360.00"), "refunded": Decimal("360.00"), "net": Decimal("0")}
+    assert totals == {
+        "charged": Decimal("360.00"),
+        "refunded": Decimal("360.00"),
+        "net": Decimal("0"),
+    }
 
 
 def test_a_cancellation_that_fails_midway_leaves_the_booking_confirmed_and_paid(
@@ -77,5 +89,8 @@ def test_only_a_confirmed_booking_can_be_cancelled(customer, trip_items):
     booking = book_trip(customer, trip_items, chaos={"fail": ["reserve_car"]})
     wait_terminal(booking.saga_id)
 
-    with pytest.raises(BookingNotCancellable, match="only a confirmed booking can be cancelled; this one is REJECTED"):
+    with pytest.raises(
+        BookingNotCancellable,
+        match="only a confirmed booking can be cancelled; this one is REJECTED",
+    ):
         booking_services.booking_cancel(booking_id=booking.id)

@@ -55,7 +55,9 @@ def test_a_saga_type_without_steps_is_refused():
 
 
 def test_the_registry_names_the_known_types_when_asked_for_an_unknown_one():
-    with pytest.raises(UnknownSagaType, match=r"unknown saga type 'nope'; known: \[.*'trip_booking'"):
+    with pytest.raises(
+        UnknownSagaType, match=r"unknown saga type 'nope'; known: \[.*'trip_booking'"
+    ):
         registry.get("nope")
 
 
@@ -63,10 +65,17 @@ def test_compensations_are_named_after_their_functions_and_queued_newest_first()
     trip = registry.get("trip_booking")
 
     assert trip.action_names == [
-        "reserve_flight", "reserve_hotel", "reserve_car", "charge_payment", "confirm_booking",
+        "reserve_flight",
+        "reserve_hotel",
+        "reserve_car",
+        "charge_payment",
+        "confirm_booking",
     ]
     assert trip.compensation_names == [
-        "release_flight", "release_hotel", "release_car", "refund_payment",
+        "release_flight",
+        "release_hotel",
+        "release_car",
+        "refund_payment",
     ]
     undo = trip.compensation_chain("00000000-0000-0000-0000-000000000001", 4)
     assert [sig.task for sig in undo.tasks] == [
@@ -85,7 +94,11 @@ def test_every_step_signature_is_immutable_carries_the_saga_id_and_an_errback():
     signatures = trip.action_chain(saga_id).tasks
 
     assert [sig.options["queue"] for sig in signatures] == [
-        "inventory", "inventory", "inventory", "payments", "bookings",
+        "inventory",
+        "inventory",
+        "inventory",
+        "payments",
+        "bookings",
     ]
     for sig in signatures:
         assert sig.immutable
