@@ -41,10 +41,12 @@ run: export PATH := $(CURDIR)/$(BIN):$(PATH)
 run: export FLOWER_BASIC_AUTH ?= flower:flower-dev
 run: install ## Migrate, seed the demo data and run web, worker, beat and Flower (Ctrl-C stops all)
 	@mkdir -p .run
-	$(MANAGE) migrate --no-input
-	$(MANAGE) seed_demo
-	@$(DEVSTACK) banner
-	$(DEVSTACK) redis-exec -- honcho -f config/Procfile -d . start
+	$(DEVSTACK) redis-exec --publish .run/redis.url -- sh -c '\
+		$(MANAGE) migrate --no-input && \
+		$(MANAGE) seed_demo && \
+		$(DEVSTACK) banner && \
+		exec honcho -f config/Procfile -d . start'
+
 
 test: lint ## Lint, then pytest against Redis and the database (PYTEST_ARGS="-x -k saga")
 	$(DEVSTACK) redis-exec -- $(BIN)/pytest $(PYTEST_ARGS)

@@ -233,7 +233,12 @@ class Supervisor:
         return 128 - returncode if returncode < 0 else returncode
 
 
-def redis_exec(cmd: list[str]) -> int:
+def redis_exec(cmd: list[str], *, publish: Path | None = None) -> int:
+    """Run CMD with REDIS_URL set; ``publish`` names a file that holds the URL meanwhile.
+
+    The file lets a second shell (``manage.py shell``) find the Redis that
+    ``make run`` started on a free port; it is removed when CMD ends.
+    """
     env = inherited_environment()
     if os.environ.get("REDIS_URL"):
         env["REDIS_URL"] = os.environ["REDIS_URL"]
@@ -251,10 +256,15 @@ def redis_exec(cmd: list[str]) -> int:
             redis.start(should_stop=lambda: bool(supervisor.received))
             log(f"started Redis {redis.version()} ({redis.executable}) at {redis.url}")
             env["REDIS_URL"] = redis.url
+            if publish is not None:
+                publish.parent.mkdir(parents=True, exist_ok=True)
+                publish.write_text(redis.url + "\n")
             return supervisor.run(cmd, env)
         except Interrupted:
             return 128 + supervisor.received[0]
         finally:
+            if publish is not None:
+                publish.unlink(missing_ok=True)
             redis.stop()
 
 
@@ -288,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("redis-exec", help="run a command with REDIS_URL set")
+    run.add_argument(
+        "--publish",
+        type=Path,
+        metavar="FILE",
+        help="write the started Redis's URL to FILE while CMD runs (local settings read it)",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARG...]")
     commands.add_parser("banner", help="print the local URLs and demo credentials")
     args = parser.parse_args(argv)
@@ -299,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             parser.error("redis-exec needs a command: redis-exec -- CMD [ARG...]")
-        return redis_exec(cmd)
+        return redis_exec(cmd, publish=args.publish)
     except DevstackError as exc:
         log(f"error: {exc}")
         return 1

@@ -80,6 +80,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Serves the admin's and the API browser's static files from gunicorn.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -134,6 +136,8 @@ LOGGING = {
 
 # --- Celery (DESIGN.md section 3) -------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")
+# Never let Celery fall back to its built-in default (amqp on localhost):
+# an unset broker is a configuration error, reported by the sagas system check.
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
