@@ -124,7 +124,9 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+# Served from the apps (WHITENOISE_USE_FINDERS) outside production, which
+# collects them into STATIC_ROOT.
+WHITENOISE_USE_FINDERS = True
 
 LOGGING = {
     "version": 1,

@@ -7,8 +7,6 @@ DEBUG = True
 SECRET_KEY = "django-insecure-local-development-only"
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 
-# Static files straight from the apps, no collectstatic needed.
-WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = True
 
 # `make run` starts Redis on a free port and records its URL here, so that a

@@ -5,7 +5,7 @@ import os
 from django.core.exceptions import ImproperlyConfigured
 
 from .base import *  # noqa: F403
-from .base import database_from_env, env_bool, env_int, env_list
+from .base import BASE_DIR, database_from_env, env_bool, env_int, env_list
 
 
 def required(name: str) -> str:
@@ -28,6 +28,8 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 REDIS_URL = required("REDIS_URL")
 CELERY_BROKER_URL = REDIS_URL
 
+STATIC_ROOT = BASE_DIR / "staticfiles"
+WHITENOISE_USE_FINDERS = False
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
