@@ -36,8 +36,14 @@ class Saga(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Stored when the saga ends, so stats and metrics aggregate a column.
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
     deadline = models.DateTimeField(null=True, blank=True)
     failure_reason = models.TextField(blank=True)
+    # An operator who settled a FAILED saga by hand says so here.
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.CharField(max_length=150, blank=True)
+    resolution = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -45,6 +51,7 @@ class Saga(models.Model):
             models.Index(fields=["status", "-created_at"], name="saga_status_created"),
             models.Index(fields=["saga_type", "-created_at"], name="saga_type_created"),
             models.Index(fields=["-created_at"], name="saga_created"),
+            models.Index(fields=["saga_type", "finished_at"], name="saga_type_finished"),
         ]
 
     def __str__(self) -> str:
@@ -55,10 +62,8 @@ class Saga(models.Model):
         return self.status in self.TERMINAL
 
     @property
-    def duration_ms(self) -> int | None:
-        if self.started_at is None or self.finished_at is None:
-            return None
-        return int((self.finished_at - self.started_at).total_seconds() * 1000)
+    def is_resolved(self) -> bool:
+        return self.resolved_at is not None
 
 
 class SagaLog(models.Model):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import traceback
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
@@ -32,8 +33,6 @@ from sagas.errors import EffectUncertain
 from sagas.models import Saga, SagaLog
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from celery import Task
 
     from sagas.definitions import RetryPolicy, SagaDefinition, Step
@@ -88,13 +87,17 @@ class _Attempt:
             worker=self.task.request.hostname or "",
             started_at=self.started,
             finished_at=finished,
-            duration_ms=max(0, int((finished - self.started).total_seconds() * 1000)),
+            duration_ms=elapsed_ms(self.started, finished),
             error=error,
             result=result,
         )
 
     def reply(self, status: str) -> dict[str, Any]:
         return {"saga_id": str(self.saga_id), "step": self.name, "outcome": status}
+
+
+def elapsed_ms(start: datetime, end: datetime) -> int:
+    return max(0, int((end - start).total_seconds() * 1000))
 
 
 def _lock(saga_id: str) -> Saga:
@@ -127,6 +130,7 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
             chaos.before_action(saga, step.name, attempt.number)
             result = step.action(saga)
             now = timezone.now()
+            started = saga.started_at or attempt.started
             moved = Saga.objects.filter(
                 pk=saga_id,
                 steps_done=index,
@@ -137,6 +141,7 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
                 status=Saga.Status.COMPLETED if last else Saga.Status.RUNNING,
                 started_at=Coalesce(F("started_at"), now),
                 finished_at=now if last else None,
+                duration_ms=elapsed_ms(started, now) if last else None,
                 updated_at=now,
             )
             if not moved:  # lost a race the row lock cannot prevent (SQLite)

@@ -16,6 +16,7 @@ from django.utils import timezone
 from sagas.definitions import SagaDefinition, registry
 from sagas.errors import InvalidSagaState, SagaNotFound
 from sagas.models import Saga, SagaLog
+from sagas.runtime import elapsed_ms
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +128,14 @@ def saga_begin_compensation(*, saga_id, failed_task_id: str = "") -> bool:
 
 def saga_finish_compensation(*, saga_id) -> bool:
     with transaction.atomic():
-        now = timezone.now()
-        done = Saga.objects.filter(pk=saga_id, status=Status.COMPENSATING).update(
-            status=Status.COMPENSATED, current_step="", finished_at=now, updated_at=now
-        )
+        saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
+        done = saga is not None and saga.status == Status.COMPENSATING
         if done:
-            saga = Saga.objects.get(pk=saga_id)
+            _finish(saga, Status.COMPENSATED)
+            saga.current_step = ""
+            saga.save(
+                update_fields=["status", "current_step", "finished_at", "duration_ms", "updated_at"]
+            )
             hook = registry.get(saga.saga_type).on_compensated
             if hook:
                 hook(saga)
@@ -154,11 +157,11 @@ def saga_fail_compensation(*, saga_id, failed_task_id: str = "") -> bool:
         )
         step = last.step if last else definition.steps[max(saga.undo_cursor - 1, 0)].undo_name
         error = f": {last.error}" if last and last.error else ""
-        now = timezone.now()
-        saga.status = Status.FAILED
+        _finish(saga, Status.FAILED)
         saga.failure_reason = f"compensation of {step} exhausted its retries{error}"
-        saga.finished_at = now
-        saga.save(update_fields=["status", "failure_reason", "finished_at", "updated_at"])
+        saga.save(
+            update_fields=["status", "failure_reason", "finished_at", "duration_ms", "updated_at"]
+        )
         if definition.on_failed:
             definition.on_failed(saga)
     return True
@@ -174,13 +177,49 @@ def saga_retry_compensation(*, saga_id, operator: str) -> Saga:
             raise InvalidSagaState(
                 f"only FAILED sagas can retry compensation; this one is {saga.status}"
             )
+        if saga.is_resolved:
+            raise InvalidSagaState(f"saga was resolved by hand by {saga.resolved_by}")
         definition = registry.get(saga.saga_type)
         saga.status = Status.COMPENSATING
         saga.finished_at = None
-        saga.save(update_fields=["status", "finished_at", "updated_at"])
+        saga.duration_ms = None
+        # An injected fault belongs to the run that failed; the operator's
+        # retry runs without it, as it would after fixing a real cause.
+        saga.context.pop("chaos", None)
+        saga.save(update_fields=["status", "finished_at", "duration_ms", "context", "updated_at"])
         saga_log_note(saga=saga, text=f"compensation retried by {operator}")
         transaction.on_commit(partial(_publish_compensation, definition, saga.id, saga.undo_cursor))
     return saga
+
+
+def saga_mark_resolved(*, saga_id, operator: str, reason: str) -> Saga:
+    """Operator action on a FAILED saga: record that it was settled by hand, and how."""
+    reason = (reason or "").strip()
+    if not reason:
+        raise InvalidSagaState("a reason is required to mark a saga resolved")
+    with transaction.atomic():
+        saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
+        if saga is None:
+            raise SagaNotFound(f"saga {saga_id} does not exist")
+        if saga.status != Status.FAILED:
+            raise InvalidSagaState(
+                f"only FAILED sagas can be marked resolved; this one is {saga.status}"
+            )
+        if saga.is_resolved:
+            raise InvalidSagaState(f"saga was already resolved by {saga.resolved_by}")
+        saga.resolved_at = timezone.now()
+        saga.resolved_by = operator
+        saga.resolution = reason
+        saga.save(update_fields=["resolved_at", "resolved_by", "resolution", "updated_at"])
+        saga_log_note(saga=saga, text=f"marked resolved by {operator}: {reason}")
+    return saga
+
+
+def _finish(saga: Saga, status: str) -> None:
+    now = timezone.now()
+    saga.status = status
+    saga.finished_at = now
+    saga.duration_ms = elapsed_ms(saga.started_at or saga.created_at, now)
 
 
 def saga_log_note(*, saga: Saga, text: str) -> SagaLog:
