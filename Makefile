@@ -64,7 +64,7 @@ migrate: install ## Apply the database migrations
 	$(MANAGE) migrate --no-input
 
 clean: ## Remove .venv, .run, the SQLite databases and tool caches
-	rm -rf $(VENV) .run db.sqlite3 db.sqlite3-* .test-db.sqlite3 .test-db.sqlite3-* \
+	rm -rf $(VENV) .run db.sqlite3 db.sqlite3-* .test-db*.sqlite3* \
 		.pytest_cache .ruff_cache .import_linter_cache staticfiles
 
 lock: install ## Re-resolve pyproject.toml into requirements.lock (uses uv, installed into .venv)

@@ -1,5 +1,11 @@
 class BookingError(Exception):
+    """A booking request the domain refuses; ``field`` names the input at fault."""
+
     code = "booking_error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class UnknownSku(BookingError):
@@ -20,3 +26,7 @@ class BookingNotFound(BookingError):
 
 class BookingNotCancellable(BookingError):
     code = "booking_not_cancellable"
+
+
+class IdempotencyConflict(BookingError):
+    code = "idempotency_key_reused"

@@ -68,3 +68,22 @@ class BookingLine(models.Model):
     @property
     def subtotal(self):
         return self.unit_price * self.quantity
+
+
+class IdempotencyKey(models.Model):
+    """A client's Idempotency-Key for one booking request, and the response it got."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64)
+    booking = models.ForeignKey(Booking, on_delete=models.CASCADE, related_name="+")
+    response = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "key"], name="idempotency_key_once_per_user")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} -> {self.booking_id}"

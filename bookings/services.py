@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from bookings.errors import (
     BookingNotCancellable,
     BookingNotFound,
+    IdempotencyConflict,
     InvalidBooking,
     PaymentMismatch,
     UnknownSku,
 )
-from bookings.models import Booking, BookingLine
+from bookings.models import Booking, BookingLine, IdempotencyKey
 from inventory import selectors as inventory_selectors
 from sagas import chaos as saga_chaos
 from sagas import selectors as saga_selectors
@@ -24,6 +26,25 @@ from sagas.services import saga_start
 
 TRIP_BOOKING = "trip_booking"
 BOOKING_CANCELLATION = "booking_cancellation"
+
+# `?chaos=car` and friends: fail one step of the trip, as the demo seeds did.
+CHAOS_SHORTCUTS = {
+    "flight": "reserve_flight",
+    "hotel": "reserve_hotel",
+    "car": "reserve_car",
+    "payment": "charge_payment",
+    "confirm": "confirm_booking",
+}
+
+
+def chaos_shortcut(name: str) -> dict[str, Any]:
+    try:
+        return {"fail": [CHAOS_SHORTCUTS[name]]}
+    except KeyError:
+        raise InvalidBooking(
+            f"unknown chaos shortcut {name!r}; use one of {', '.join(CHAOS_SHORTCUTS)}",
+            field="chaos",
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -56,25 +77,30 @@ def booking_create(
 ) -> Booking:
     """Write the booking and its trip saga in one transaction; the saga runs after commit."""
     if not lines:
-        raise InvalidBooking("a booking needs at least one line")
-    bad = [line.sku for line in lines if line.quantity < 1]
-    if bad:
-        raise InvalidBooking(f"quantity must be at least 1 (lines {bad})")
+        raise InvalidBooking("a booking needs at least one line", field="lines")
+    for index, line in enumerate(lines):
+        if line.quantity < 1:
+            raise InvalidBooking(
+                f"quantity must be at least 1 (lines {[line.sku]})", field=f"lines.{index}.quantity"
+            )
     items = inventory_selectors.items_by_sku(skus=sorted({line.sku for line in lines}))
     unknown = sorted({line.sku for line in lines} - set(items))
     if unknown:
-        raise UnknownSku(f"unknown SKU(s): {', '.join(unknown)}")
+        first = next(i for i, line in enumerate(lines) if line.sku not in items)
+        raise UnknownSku(f"unknown SKU(s): {', '.join(unknown)}", field=f"lines.{first}.sku")
     currencies = {items[line.sku].currency for line in lines}
     if currencies != {payment.currency}:
         raise PaymentMismatch(
             f"payment currency {payment.currency} does not match the lines' currency "
-            f"{', '.join(sorted(currencies))}"
+            f"{', '.join(sorted(currencies))}",
+            field="payment.currency",
         )
     total = sum((items[line.sku].price * line.quantity for line in lines), Decimal("0"))
     if payment.amount != total:
         raise PaymentMismatch(
             f"payment amount {payment.amount} {payment.currency} does not match "
-            f"the lines' total {total} {payment.currency}"
+            f"the lines' total {total} {payment.currency}",
+            field="payment.amount",
         )
     if chaos:
         _validate_chaos(TRIP_BOOKING, chaos)
@@ -89,7 +115,9 @@ def booking_create(
     context: dict[str, Any] = {"booking_id": str(booking.id), "card_token": payment.card_token}
     if chaos:
         context["chaos"] = chaos
-    saga = saga_start(saga_type=TRIP_BOOKING, business_key=f"booking:{booking.id}", context=context)
+    saga = saga_start(
+        saga_type=TRIP_BOOKING, business_key=f"booking:{booking.id}", context=context, owner=user
+    )
     booking.saga_id = saga.id
     booking.full_clean()
     booking.save(force_insert=True)
@@ -106,6 +134,60 @@ def booking_create(
         for line in lines
     )
     return booking
+
+
+@dataclass(frozen=True)
+class BookingCreation:
+    booking: Booking
+    response: dict[str, Any]
+    replayed: bool
+
+
+def booking_create_once(
+    *,
+    idempotency_key: str,
+    fingerprint: str,
+    render: Callable[[Booking], dict[str, Any]],
+    user,
+    **request: Any,
+) -> BookingCreation:
+    """``booking_create`` at most once per (user, Idempotency-Key).
+
+    The same key with the same request (``fingerprint``) replays the response
+    of the first; with a different request it is refused. Two concurrent
+    requests with one key meet at the unique constraint: one creates, the
+    other replays what the first committed.
+    """
+    existing = IdempotencyKey.objects.filter(user=user, key=idempotency_key).first()
+    if existing is not None:
+        return _replay(existing, fingerprint)
+    try:
+        with transaction.atomic():
+            booking = booking_create(user=user, **request)
+            response = render(booking)
+            IdempotencyKey.objects.create(
+                user=user,
+                key=idempotency_key,
+                fingerprint=fingerprint,
+                booking=booking,
+                response=response,
+            )
+    except IntegrityError:
+        existing = IdempotencyKey.objects.filter(user=user, key=idempotency_key).first()
+        if existing is None:
+            raise
+        return _replay(existing, fingerprint)
+    return BookingCreation(booking=booking, response=response, replayed=False)
+
+
+def _replay(existing: IdempotencyKey, fingerprint: str) -> BookingCreation:
+    if existing.fingerprint != fingerprint:
+        raise IdempotencyConflict(
+            f"Idempotency-Key {existing.key!r} was already used for booking "
+            f"{existing.booking_id} with a different request; use a new key for a new booking",
+            field="Idempotency-Key",
+        )
+    return BookingCreation(booking=existing.booking, response=existing.response, replayed=True)
 
 
 @transaction.atomic
@@ -129,7 +211,10 @@ def booking_cancel(*, booking_id, chaos: dict[str, Any] | None = None) -> Bookin
     if chaos:
         context["chaos"] = chaos
     saga = saga_start(
-        saga_type=BOOKING_CANCELLATION, business_key=f"booking:{booking.id}", context=context
+        saga_type=BOOKING_CANCELLATION,
+        business_key=f"booking:{booking.id}",
+        context=context,
+        owner=booking.user,
     )
     booking.status = Booking.Status.CANCELLING
     booking.cancel_saga_id = saga.id
@@ -144,7 +229,7 @@ def _validate_chaos(saga_type: str, chaos: dict[str, Any]) -> None:
             chaos, actions=definition.action_names, compensations=definition.compensation_names
         )
     except ValueError as exc:
-        raise InvalidBooking(str(exc)) from None
+        raise InvalidBooking(str(exc), field="chaos") from None
 
 
 def booking_move(*, booking_id, source: str, target: str) -> bool:

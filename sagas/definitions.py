@@ -143,6 +143,13 @@ class SagaDefinition:
     def compensation_names(self) -> list[str]:
         return [step.undo_name for step in self.steps if step.compensation]
 
+    def next_to_undo(self, undo_cursor: int) -> int | None:
+        """The newest step below the cursor that has a compensation, if any."""
+        for index in reversed(range(min(undo_cursor, len(self.steps)))):
+            if self.steps[index].compensation is not None:
+                return index
+        return None
+
     def index_of(self, step_name: str) -> int:
         for index, step in enumerate(self.steps):
             if step.name == step_name:

@@ -1,5 +1,6 @@
 import uuid
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
@@ -27,6 +28,15 @@ class Saga(models.Model):
     saga_type = models.CharField(max_length=64)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     business_key = models.CharField(max_length=128, db_index=True)
+    # Whom the saga acts for: the API shows users their own sagas only.
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        db_index=False,
+    )
     context = models.JSONField(default=dict, blank=True)
     current_step = models.CharField(max_length=64, blank=True)
     steps_done = models.PositiveSmallIntegerField(default=0)
@@ -52,6 +62,7 @@ class Saga(models.Model):
             models.Index(fields=["saga_type", "-created_at"], name="saga_type_created"),
             models.Index(fields=["-created_at"], name="saga_created"),
             models.Index(fields=["saga_type", "finished_at"], name="saga_type_finished"),
+            models.Index(fields=["owner", "-created_at"], name="saga_owner_created"),
         ]
 
     def __str__(self) -> str:

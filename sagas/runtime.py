@@ -123,9 +123,12 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
             if saga.steps_done > index:
                 raise _Outcome(SagaLog.Status.DUPLICATE, "already done", continue_chain=True)
             if saga.steps_done < index:
-                # Only a hand-built or corrupted chain gets here: refuse rather than skip a step.
-                raise RuntimeError(
-                    f"step {step.name} ran before step {definition.steps[saga.steps_done].name}"
+                # A copy published out of band (a re-published message) that
+                # overtook the chain: the chain itself brings this step in turn.
+                raise _Outcome(
+                    SagaLog.Status.IGNORED,
+                    f"not due yet: {definition.steps[saga.steps_done].name} comes first",
+                    continue_chain=False,
                 )
             chaos.before_action(saga, step.name, attempt.number)
             result = step.action(saga)
@@ -171,6 +174,14 @@ def run_compensation(task: Task, definition: SagaDefinition, index: int, saga_id
                 )
             if saga.undo_cursor <= index:
                 raise _Outcome(SagaLog.Status.DUPLICATE, "already undone", continue_chain=True)
+            due = definition.next_to_undo(saga.undo_cursor)
+            if index != due:
+                # Compensations run strictly newest first, whatever order copies arrive in.
+                raise _Outcome(
+                    SagaLog.Status.IGNORED,
+                    f"not due yet: {definition.steps[due].undo_name} comes first",
+                    continue_chain=False,
+                )
             chaos.before_compensation(saga, attempt.name, attempt.number)
             assert step.compensation is not None
             result = step.compensation(saga)

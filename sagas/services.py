@@ -29,6 +29,7 @@ def saga_start(
     business_key: str,
     context: dict[str, Any] | None = None,
     deadline_s: int | None = None,
+    owner=None,
 ) -> Saga:
     """Persist a PENDING saga in the caller's transaction; publish its chain after commit.
 
@@ -40,6 +41,7 @@ def saga_start(
     saga = Saga.objects.create(
         saga_type=definition.name,
         business_key=business_key,
+        owner=owner,
         context=context or {},
         deadline=now + timedelta(seconds=deadline_s or definition.deadline_s),
     )

@@ -104,3 +104,31 @@ def wait_for(predicate, *, timeout: float = 30.0, interval: float = 0.05, messag
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
         time.sleep(interval)
+
+
+@pytest.fixture
+def other_customer(django_user_model):
+    return django_user_model.objects.create_user(username="bob", password="bob-password")
+
+
+@pytest.fixture
+def operator(django_user_model):
+    return django_user_model.objects.create_user(
+        username="olga", password="olga-password", is_staff=True
+    )
+
+
+@pytest.fixture
+def client_for():
+    """An API client authenticated with the user's token, as a real client would be."""
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    def make(user=None):
+        client = APIClient()
+        if user is not None:
+            token, _ = Token.objects.get_or_create(user=user)
+            client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+        return client
+
+    return make

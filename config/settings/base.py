@@ -70,6 +70,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_celery_results",
     "django_celery_beat",
     "sagas",
@@ -201,12 +202,45 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
+    # Every view names its permission; this default only catches one that forgets.
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "config.api.AutoSchema",
+    "DEFAULT_RENDERER_CLASSES": [
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+    ],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "EXCEPTION_HANDLER": "config.api.exception_handler",
+    "DEFAULT_PAGINATION_CLASS": "config.pagination.PageNumberPagination",
+    "DEFAULT_THROTTLE_RATES": {"auth": os.environ.get("API_AUTH_THROTTLE", "20/minute")},
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Backtrack API",
     "DESCRIPTION": "Bookings run as sagas: every step is undone in reverse when a later one fails.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "SagaStatusEnum": "sagas.models.Saga.Status",
+        "SagaLogStatusEnum": "sagas.models.SagaLog.Status",
+        "BookingStatusEnum": "bookings.models.Booking.Status",
+    },
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "config.api.add_error_responses",
+    ],
 }
+
+# --- Metrics ----------------------------------------------------------------
+# GET /metrics (sagas/metrics.py) answers staff users and, when this is set,
+# requests with "Authorization: Bearer <METRICS_TOKEN>" (Prometheus' bearer_token).
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+# Each web process queries the database at most once per this many seconds.
+METRICS_CACHE_S = env_int("METRICS_CACHE_S", 15)
+# A SagaLog row is folded into a process's kept step histogram once it finished
+# this long ago: it must exceed commit delay plus clock skew between hosts.
+METRICS_STEP_LAG_S = env_int("METRICS_STEP_LAG_S", 60, minimum=1)

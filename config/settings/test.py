@@ -1,5 +1,7 @@
 """Test settings: a real broker and a real database, never eager mode."""
 
+import os
+
 from .base import *  # noqa: F403
 from .base import BASE_DIR, database_from_env
 
@@ -10,9 +12,11 @@ ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1"]
 DATABASES = {"default": database_from_env(f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # A file, not memory: the test worker thread opens its own connection.
-    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / ".test-db.sqlite3")}
+    # One per process, so that two runs on one checkout do not share it.
+    DATABASES["default"]["TEST"] = {"NAME": str(BASE_DIR / f".test-db-{os.getpid()}.sqlite3")}
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SAGA_CHAOS_ENABLED = True
+REST_FRAMEWORK = {**REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"auth": "10000/minute"}}  # noqa: F405
 # Short backoff keeps retry tests quick; the policy shape is the same.
 SAGA_RETRY_DELAY_SCALE = 0.05

@@ -317,3 +317,44 @@ def test_concurrent_bookings_for_the_last_seat_confirm_exactly_one(customer, tri
         "out_of_stock" in saga.failure_reason.lower() or "OutOfStock" in saga.failure_reason
         for saga in losers
     )
+
+
+def test_a_step_message_that_overtakes_the_chain_is_ignored_not_failed(customer, trip_items):
+    booking = book_trip(customer, trip_items, chaos={"delay_ms": {"reserve_flight": 300}})
+    # A copy of the car step, published out of band before its turn.
+    trip_booking.action_signature(2, str(booking.saga_id)).apply_async()
+
+    saga = wait_terminal(booking.saga_id)
+    wait_for(
+        lambda: SagaLog.objects.filter(saga=saga, step="reserve_car", status="ignored").exists(),
+        message="the early copy to be recorded",
+    )
+
+    assert saga.status == Saga.Status.COMPLETED
+    early = SagaLog.objects.get(saga=saga, step="reserve_car", status="ignored")
+    assert early.error.startswith("not due yet:")
+    assert done_steps(saga.id, phase=ACTION) == TRIP_STEPS
+    assert stock(trip_items)["CR-TEST"] == (4, 0, 1)
+
+
+def test_a_compensation_message_that_arrives_early_waits_for_its_turn(customer, trip_items):
+    booking = book_trip(
+        customer, trip_items, chaos={"fail": ["charge_payment"], "delay_ms": {"reserve_car": 300}}
+    )
+    saga_id = str(booking.saga_id)
+    wait_for(lambda: Saga.objects.get(pk=saga_id).steps_done >= 1, message="the flight to be held")
+    # Once compensation begins, a stray copy of the flight's release must not jump the queue.
+    wait_for(
+        lambda: Saga.objects.get(pk=saga_id).status != Saga.Status.RUNNING,
+        message="compensation to begin",
+    )
+    trip_booking.compensation_signature(0, saga_id).apply_async()
+
+    saga = wait_terminal(saga_id)
+
+    assert saga.status == Saga.Status.COMPENSATED
+    assert done_steps(saga.id, phase=COMPENSATION) == [
+        "release_car",
+        "release_hotel",
+        "release_flight",
+    ]

@@ -106,3 +106,12 @@ def test_every_step_signature_is_immutable_carries_the_saga_id_and_an_errback():
         [errback] = sig.options["link_error"]
         assert errback["task"] == "sagas.step_failed"
         assert errback["kwargs"] == {"saga_id": saga_id}
+
+
+def test_the_next_step_to_undo_skips_steps_without_a_compensation():
+    trip = registry.get("trip_booking")  # confirm_booking (index 4) has no compensation
+
+    assert trip.next_to_undo(5) == 3
+    assert trip.next_to_undo(4) == 3
+    assert trip.next_to_undo(1) == 0
+    assert trip.next_to_undo(0) is None

@@ -1,0 +1,12 @@
+"""The JSON API under /api/: each context publishes its own urls module."""
+
+from django.urls import include, path
+
+from config.api import TokenObtainApi
+
+urlpatterns = [
+    path("auth/token/", TokenObtainApi.as_view(), name="auth-token"),
+    path("bookings/", include("bookings.urls")),
+    path("inventory/", include("inventory.urls")),
+    path("sagas/", include("sagas.urls")),
+]

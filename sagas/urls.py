@@ -1,0 +1,14 @@
+from django.urls import path
+
+from sagas.apis import SagaDetailApi, SagaListApi, SagaRetryCompensationApi, SagaStatsApi
+
+urlpatterns = [
+    path("", SagaListApi.as_view(), name="sagas"),
+    path("stats/", SagaStatsApi.as_view(), name="saga-stats"),
+    path("<uuid:saga_id>/", SagaDetailApi.as_view(), name="saga-detail"),
+    path(
+        "<uuid:saga_id>/retry-compensation/",
+        SagaRetryCompensationApi.as_view(),
+        name="saga-retry-compensation",
+    ),
+]
