@@ -77,6 +77,12 @@ class RetryPolicy:
     def retries(self, exc: BaseException) -> bool:
         return isinstance(exc, self.retry_on)
 
+    def worst_case_s(self, attempt_limit_s: float) -> float:
+        """How long every attempt plus every backoff can take: after that, nothing is coming."""
+        cap = min(self.max_backoff_s, float(settings.SAGA_MAX_RETRY_DELAY_S))
+        delays = sum(min(cap, self.backoff_s * (2**n)) for n in range(self.max_retries))
+        return (self.max_retries + 1) * attempt_limit_s + delays
+
 
 # Compensations must finish: every error is worth another try until the budget runs out.
 COMPENSATION_RETRY = RetryPolicy(max_retries=5, backoff_s=0.5, retry_on=(Exception,))
@@ -97,6 +103,15 @@ class Step:
     # The compensation's name in logs, task names and chaos plans; defaults to
     # the compensation function's name (e.g. "release_hotel").
     compensation_name: str = ""
+
+    @property
+    def hard_limit_s(self) -> int:
+        return self.timeout_s + 5
+
+    def stall_after_s(self, phase: str) -> float:
+        """No progress for this long means the step's messages were lost, not slow."""
+        policy = self.retry if phase == "action" else self.compensation_retry
+        return policy.worst_case_s(self.hard_limit_s) + settings.SAGA_STALL_GRACE_S
 
     @property
     def undo_name(self) -> str:
@@ -180,8 +195,9 @@ class SagaDefinition:
             .on_error(compensation_failed.s(saga_id=saga_id).set(queue=SAGA_QUEUE))
         )
 
-    def action_chain(self, saga_id: str) -> Signature:
-        return chain(*(self.action_signature(i, saga_id) for i in range(len(self.steps))))
+    def action_chain(self, saga_id: str, start: int = 0) -> Signature:
+        """The actions from ``start`` on: 0 to run a saga, ``steps_done`` to resume one."""
+        return chain(*(self.action_signature(i, saga_id) for i in range(start, len(self.steps))))
 
     def compensation_chain(self, saga_id: str, undo_count: int) -> Signature:
         """Compensations of steps ``undo_count - 1`` down to 0, newest first, then finish."""
@@ -200,7 +216,7 @@ class SagaDefinition:
         return {
             "bind": True,
             "soft_time_limit": step.timeout_s,
-            "time_limit": step.timeout_s + 5,
+            "time_limit": step.hard_limit_s,
             "acks_late": True,
             "reject_on_worker_lost": True,
         }

@@ -96,13 +96,14 @@ def sagas_reconcile_pending(*, limit: int = 500) -> int:
     return published
 
 
-def saga_begin_compensation(*, saga_id, failed_task_id: str = "") -> bool:
+def saga_begin_compensation(*, saga_id, failed_task_id: str = "", reason: str = "") -> bool:
     """Claim a failed saga (PENDING/RUNNING -> COMPENSATING) and queue its compensations.
 
     Only the caller whose UPDATE moved the row queues anything, so a second
-    errback for the same saga is a no-op. The failing step is undone too when
-    it may have had an effect: its last attempt timed out, or it left no record
-    at all (the worker was killed or hit the hard time limit).
+    errback for the same saga is a no-op. The failing step is undone too unless
+    its last attempt is on record as a definite failure: a timeout, a worker
+    killed mid-attempt or a step the sweeper gave up on at the deadline may
+    have had an effect, and compensations cope with finding nothing to undo.
     """
     with transaction.atomic():
         claimed = Saga.objects.filter(
@@ -114,18 +115,75 @@ def saga_begin_compensation(*, saga_id, failed_task_id: str = "") -> bool:
         saga = Saga.objects.get(pk=saga_id)
         definition = registry.get(saga.saga_type)
         undo = saga.steps_done
-        reason = f"step {_step_name(definition, undo)} failed"
+        detail = f"step {_step_name(definition, undo)} failed"
         if undo < len(definition.steps):
             failed = _last_attempt(saga, definition.steps[undo].name, SagaLog.Phase.ACTION)
-            if failed is None or failed.status == SagaLog.Status.TIMED_OUT:
-                undo += 1
+            if failed is None or failed.status != SagaLog.Status.FAILED:
+                undo += 1  # no definite failure on record: it may have had an effect
             if failed is not None and failed.error:
-                reason = f"{reason}: {failed.error}"
+                detail = f"{detail}: {failed.error}"
         saga.undo_cursor = undo
-        saga.failure_reason = reason
+        saga.failure_reason = reason or detail
         saga.save(update_fields=["undo_cursor", "failure_reason"])
         transaction.on_commit(partial(_publish_compensation, definition, saga.id, undo))
     return True
+
+
+def sagas_recover_stalled(*, limit: int = 200) -> dict[str, int]:
+    """Move on every saga that stopped making progress; nothing waits forever.
+
+    - RUNNING past its deadline: compensated (the step in flight included,
+      since it may have had an effect).
+    - RUNNING with no progress for longer than its current step's whole retry
+      budget: the rest of the chain is published again. The barrier makes that
+      safe even if the original messages were only slow.
+    - COMPENSATING with no progress for longer than the compensation's budget:
+      the remaining compensations are published again.
+
+    Each saga is taken by one conditional UPDATE of ``updated_at``, so two
+    beats running this at once never both act on it.
+    """
+    now = timezone.now()
+    counts = {"deadline_compensated": 0, "resumed": 0, "compensation_requeued": 0}
+
+    overdue = Saga.objects.filter(status=Status.RUNNING, deadline__lt=now).values_list(
+        "id", "current_step"
+    )[:limit]
+    for saga_id, step in overdue:
+        reason = f"deadline passed with no end in sight (last step: {step or '-'})"
+        if saga_begin_compensation(saga_id=saga_id, failed_task_id="sweeper", reason=reason):
+            counts["deadline_compensated"] += 1
+
+    quiet_since = now - timedelta(seconds=settings.SAGA_STALL_GRACE_S)
+    stalled = Saga.objects.filter(
+        status__in=(Status.RUNNING, Status.COMPENSATING), updated_at__lt=quiet_since
+    ).order_by("updated_at")[:limit]
+    for saga in stalled:
+        definition = registry.get(saga.saga_type)
+        if saga.status == Status.RUNNING:
+            if saga.steps_done >= len(definition.steps):
+                continue
+            step, phase = definition.steps[saga.steps_done], SagaLog.Phase.ACTION
+        else:
+            due = definition.next_to_undo(saga.undo_cursor)
+            step = definition.steps[due] if due is not None else definition.steps[0]
+            phase = SagaLog.Phase.COMPENSATION
+        if saga.updated_at > now - timedelta(seconds=step.stall_after_s(phase)):
+            continue
+        claimed = Saga.objects.filter(
+            pk=saga.pk, status=saga.status, updated_at=saga.updated_at
+        ).update(updated_at=now)
+        if not claimed:
+            continue
+        if saga.status == Status.RUNNING:
+            logger.warning("saga %s stalled at %s: publishing the rest again", saga.id, step.name)
+            definition.action_chain(str(saga.id), start=saga.steps_done).apply_async()
+            counts["resumed"] += 1
+        else:
+            logger.warning("saga %s stalled compensating: publishing the rest again", saga.id)
+            _publish_compensation(definition, saga.id, saga.undo_cursor)
+            counts["compensation_requeued"] += 1
+    return counts
 
 
 def saga_finish_compensation(*, saga_id) -> bool:

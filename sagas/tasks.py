@@ -30,3 +30,8 @@ def finish_compensation(*, saga_id: str, **_ignored: Any) -> bool:
 @shared_task(name="sagas.reconcile_pending", acks_late=True)
 def reconcile_pending(**_ignored: Any) -> int:
     return services.sagas_reconcile_pending()
+
+
+@shared_task(name="sagas.recover_stalled", acks_late=True)
+def recover_stalled(**_ignored: Any) -> dict[str, int]:
+    return services.sagas_recover_stalled()

@@ -185,12 +185,20 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(env_int("SAGA_RECONCILE_INTERVAL_S", 5, minimum=1)),
         "options": {"queue": "sagas", "expires": 30},
     },
+    "sagas-recover-stalled": {
+        "task": "sagas.recover_stalled",
+        "schedule": float(env_int("SAGA_SWEEP_INTERVAL_S", 15, minimum=1)),
+        "options": {"queue": "sagas", "expires": 60},
+    },
 }
 
 # --- Sagas ------------------------------------------------------------------
 # A PENDING saga older than this was committed but never published.
 SAGA_DISPATCH_GRACE_S = env_int("SAGA_DISPATCH_GRACE_S", 5, minimum=1)
 SAGA_CHAOS_ENABLED = env_bool("SAGA_CHAOS_ENABLED", False)
+# Added to a step's worst case (every attempt at its hard limit plus every
+# backoff) before the sweeper calls it stalled.
+SAGA_STALL_GRACE_S = env_int("SAGA_STALL_GRACE_S", 10, minimum=1)
 
 # --- Payments ---------------------------------------------------------------
 PAYMENTS_GATEWAY = os.environ.get("PAYMENTS_GATEWAY", "payments.gateways.fake.FakeGateway")
