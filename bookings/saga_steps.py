@@ -57,30 +57,27 @@ def _reserve(what: str):
     return reserve
 
 
-def _release(what: str):
-    def release(saga: Saga) -> dict | None:
-        released = [
+def _each_hold(name: str, service, what: str):
+    """Step ``<name>_<what>``: ``service`` on each hold of one kind; None if none changed."""
+
+    def step(saga: Saga) -> dict | None:
+        changed = [
             hold.reference
             for line in _lines(saga, what)
-            if (hold := inventory.hold_release(reference=line.hold_reference)) is not None
+            if (hold := service(reference=line.hold_reference)) is not None
         ]
-        return {"released": released} if released else None
+        return {"holds": changed} if changed else None
 
-    release.__name__ = f"release_{what}"
-    return release
+    step.__name__ = f"{name}_{what}"
+    return step
+
+
+def _release(what: str):
+    return _each_hold("release", inventory.hold_release, what)
 
 
 def _reinstate(what: str):
-    def reinstate(saga: Saga) -> dict | None:
-        reinstated = [
-            hold.reference
-            for line in _lines(saga, what)
-            if (hold := inventory.hold_reinstate(reference=line.hold_reference)) is not None
-        ]
-        return {"reinstated": reinstated} if reinstated else None
-
-    reinstate.__name__ = f"reinstate_{what}"
-    return reinstate
+    return _each_hold("reinstate", inventory.hold_reinstate, what)
 
 
 def charge_payment(saga: Saga) -> dict:

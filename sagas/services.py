@@ -230,15 +230,7 @@ def saga_fail_compensation(*, saga_id, failed_task_id: str = "") -> bool:
 def saga_retry_compensation(*, saga_id, operator: str) -> Saga:
     """Operator action on a FAILED saga: compensate again from where it stopped."""
     with transaction.atomic():
-        saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
-        if saga is None:
-            raise SagaNotFound(f"saga {saga_id} does not exist")
-        if saga.status != Status.FAILED:
-            raise InvalidSagaState(
-                f"only FAILED sagas can retry compensation; this one is {saga.status}"
-            )
-        if saga.is_resolved:
-            raise InvalidSagaState(f"saga was resolved by hand by {saga.resolved_by}")
+        saga = _lock_unresolved_failure(saga_id, "retry compensation")
         definition = registry.get(saga.saga_type)
         saga.status = Status.COMPENSATING
         saga.finished_at = None
@@ -258,20 +250,24 @@ def saga_mark_resolved(*, saga_id, operator: str, reason: str) -> Saga:
     if not reason:
         raise InvalidSagaState("a reason is required to mark a saga resolved")
     with transaction.atomic():
-        saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
-        if saga is None:
-            raise SagaNotFound(f"saga {saga_id} does not exist")
-        if saga.status != Status.FAILED:
-            raise InvalidSagaState(
-                f"only FAILED sagas can be marked resolved; this one is {saga.status}"
-            )
-        if saga.is_resolved:
-            raise InvalidSagaState(f"saga was already resolved by {saga.resolved_by}")
+        saga = _lock_unresolved_failure(saga_id, "be marked resolved")
         saga.resolved_at = timezone.now()
         saga.resolved_by = operator
         saga.resolution = reason
         saga.save(update_fields=["resolved_at", "resolved_by", "resolution", "updated_at"])
         saga_log_note(saga=saga, text=f"marked resolved by {operator}: {reason}")
+    return saga
+
+
+def _lock_unresolved_failure(saga_id, action: str) -> Saga:
+    """The FAILED saga an operator acts on, locked; its absence or state is the operator's error."""
+    saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
+    if saga is None:
+        raise SagaNotFound(f"saga {saga_id} does not exist")
+    if saga.status != Status.FAILED:
+        raise InvalidSagaState(f"only FAILED sagas can {action}; this one is {saga.status}")
+    if saga.is_resolved:
+        raise InvalidSagaState(f"saga was already resolved by hand by {saga.resolved_by}")
     return saga
 
 

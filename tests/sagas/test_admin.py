@@ -649,7 +649,7 @@ def test_retry_compensation_reports_the_service_refusal_for_a_resolved_saga(admi
 
     saga.refresh_from_db()
     assert saga.status == Status.FAILED
-    assert messages_of(response) == [f"Saga {saga.pk}: saga was resolved by hand by bob"]
+    assert messages_of(response) == [f"Saga {saga.pk}: saga was already resolved by hand by bob"]
 
 
 def test_the_change_page_offers_retry_compensation_as_a_button(
@@ -766,6 +766,6 @@ def test_mark_resolved_reports_a_saga_that_was_already_resolved(admin_client, se
 
     response = action(admin_client, "mark_resolved", [saga], apply="1", reason="again")
 
-    assert messages_of(response) == [f"Saga {saga.pk}: saga was already resolved by bob"]
+    assert messages_of(response) == [f"Saga {saga.pk}: saga was already resolved by hand by bob"]
     saga.refresh_from_db()
     assert saga.resolved_by == "bob"
