@@ -219,6 +219,9 @@ class SagaDefinition:
             "time_limit": step.hard_limit_s,
             "acks_late": True,
             "reject_on_worker_lost": True,
+            # SagaLog records every attempt; a stored result per step would
+            # write it twice. Failures are still stored (task_store_errors_even_if_ignored).
+            "ignore_result": not getattr(settings, "SAGA_STORE_STEP_RESULTS", False),
         }
 
     def _action_task(self, index: int):

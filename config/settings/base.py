@@ -144,6 +144,9 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
+# Saga steps store no result on success (SagaLog has it) but always on failure,
+# so the admin can link a failed attempt to its stored traceback.
+CELERY_TASK_STORE_ERRORS_EVEN_IF_IGNORED = True
 CELERY_TASK_TRACK_STARTED = False
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"
@@ -196,6 +199,7 @@ CELERY_BEAT_SCHEDULE = {
 # A PENDING saga older than this was committed but never published.
 SAGA_DISPATCH_GRACE_S = env_int("SAGA_DISPATCH_GRACE_S", 5, minimum=1)
 SAGA_CHAOS_ENABLED = env_bool("SAGA_CHAOS_ENABLED", False)
+SAGA_STORE_STEP_RESULTS = env_bool("SAGA_STORE_STEP_RESULTS", False)
 # Added to a step's worst case (every attempt at its hard limit plus every
 # backoff) before the sweeper calls it stalled.
 SAGA_STALL_GRACE_S = env_int("SAGA_STALL_GRACE_S", 10, minimum=1)

@@ -358,3 +358,20 @@ def test_a_compensation_message_that_arrives_early_waits_for_its_turn(customer, 
         "release_hotel",
         "release_flight",
     ]
+
+
+def test_only_failed_step_attempts_leave_a_stored_task_result(customer, trip_items):
+    from django_celery_results.models import TaskResult
+
+    booking = book_trip(customer, trip_items, chaos={"fail": ["reserve_car"]})
+    saga = wait_terminal(booking.saga_id)
+
+    rows = {row.task_id: row for row in SagaLog.objects.filter(saga=saga, phase=ACTION)}
+    failed = next(row for row in rows.values() if row.status == "failed")
+    wait_for(lambda: TaskResult.objects.filter(task_id=failed.task_id).exists())
+    stored = TaskResult.objects.get(task_id=failed.task_id)
+    assert stored.status == "FAILURE"
+    assert stored.task_name == "trip_booking.reserve_car"
+    assert "chaos: reserve_car fails" in stored.result
+    succeeded = [row.task_id for row in rows.values() if row.status == "succeeded"]
+    assert not TaskResult.objects.filter(task_id__in=succeeded).exists()
