@@ -9,6 +9,7 @@ STAMP := $(VENV)/.install-stamp
 MANAGE := $(BIN)/python manage.py
 DEVSTACK := $(BIN)/python -m config.devstack
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 # The version check, as a shell command: `$(call require_py311,PYTHON)`.
 require_py311 = $(1) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -17,7 +18,7 @@ require_py311 = $(1) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/de
 	exit 1; }
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint format migrate clean lock
+.PHONY: help install run test bench lint format migrate clean lock
 
 help: ## List the targets
 	@echo "Backtrack: make <target>"
@@ -50,6 +51,10 @@ run: install ## Migrate, seed the demo data and run web, worker, beat and Flower
 
 test: lint ## Lint, then pytest against Redis and the database (PYTEST_ARGS="-x -k saga")
 	$(DEVSTACK) redis-exec -- $(BIN)/pytest $(PYTEST_ARGS)
+
+bench: export PATH := $(CURDIR)/$(BIN):$(PATH)
+bench: install ## Benchmark sagas against a bare Celery chain (BENCH_ARGS="--sagas 200 --json bench.json")
+	$(DEVSTACK) redis-exec -- sh -c '$(MANAGE) migrate --no-input && $(MANAGE) bench $(BENCH_ARGS)'
 
 lint: install ## ruff check, ruff format --check and the import contracts (lint-imports)
 	$(BIN)/ruff check .

@@ -1,0 +1,198 @@
+"""The baseline: the trip's five steps as a bare Celery chain.
+
+The same domain writes as the trip saga's steps (``inventory.services``,
+``payments.services``, ``booking_move``), on the same queues, with the same
+task options and the same result backend, each step in one transaction as the
+saga's wrapper runs it. What is left out is exactly the saga's bookkeeping: no
+Saga row, no SagaLog, no barrier, no status updates and no errback. The bench
+runs both and divides their throughputs. A third chain of five no-op tasks
+measures what Celery, the broker and the result backend cost on their own.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+from celery import chain, shared_task
+from django.conf import settings
+from django.db import transaction
+
+from bookings import selectors
+from bookings.models import Booking, BookingLine
+from bookings.saga_steps import KINDS
+from bookings.services import LineRequest, PaymentRequest, booking_move
+from inventory import selectors as inventory_selectors
+from inventory import services as inventory
+from payments import services as payments
+
+PREFIX = "bench.bare"
+
+# Step name, queue and time limit, as the trip saga declares them (bookings/saga_steps.py).
+STEPS = [
+    ("reserve_flight", "inventory", 10),
+    ("reserve_hotel", "inventory", 10),
+    ("reserve_car", "inventory", 10),
+    ("charge_payment", "payments", 15),
+    ("confirm_booking", "bookings", 10),
+]
+
+
+def _options(name: str, timeout_s: int) -> dict[str, Any]:
+    # The options sagas.definitions gives every step task; the queue is set on
+    # each signature, as the saga's chain does.
+    return {
+        "name": f"{PREFIX}.{name}",
+        "soft_time_limit": timeout_s,
+        "time_limit": timeout_s + 5,
+        "acks_late": True,
+        "reject_on_worker_lost": True,
+        # As saga steps: no stored result on success, except the chain's last
+        # task, whose result carries the time the bench measures to.
+        "ignore_result": not getattr(settings, "SAGA_STORE_STEP_RESULTS", False),
+    }
+
+
+def bare_charge_key(booking_id) -> str:
+    return f"bench:{booking_id}:charge_payment"
+
+
+def _reserve(booking_id: str, what: str) -> dict[str, Any]:
+    with transaction.atomic():
+        holds = [
+            inventory.hold_place(
+                sku=line.sku, quantity=line.quantity, reference=line.hold_reference
+            )
+            for line in selectors.booking_lines(booking_id=booking_id, kind=KINDS[what])
+        ]
+    return {"held": [hold.reference for hold in holds]}
+
+
+def reserve_flight_run(*, booking_id: str, **_ignored: Any) -> dict[str, Any]:
+    return _reserve(booking_id, "flight")
+
+
+def reserve_hotel_run(*, booking_id: str, **_ignored: Any) -> dict[str, Any]:
+    return _reserve(booking_id, "hotel")
+
+
+def reserve_car_run(*, booking_id: str, **_ignored: Any) -> dict[str, Any]:
+    return _reserve(booking_id, "car")
+
+
+def charge_payment_run(*, booking_id: str, card_token: str, **_ignored: Any) -> dict[str, Any]:
+    with transaction.atomic():
+        booking = selectors.booking_get(booking_id=booking_id)
+        charge = payments.charge_create(
+            amount=booking.total,
+            currency=booking.currency,
+            card_token=card_token,
+            idempotency_key=bare_charge_key(booking_id),
+            reference=f"booking:{booking.id}",
+        )
+    return {"charge": charge.gateway_charge_id, "amount": str(charge.amount)}
+
+
+def confirm_booking_run(*, booking_id: str, **_ignored: Any) -> dict[str, Any]:
+    with transaction.atomic():
+        for line in selectors.booking_lines(booking_id=booking_id):
+            inventory.hold_confirm(reference=line.hold_reference)
+        if not booking_move(
+            booking_id=booking_id, source=Booking.Status.PENDING, target=Booking.Status.CONFIRMED
+        ):
+            raise RuntimeError(f"booking {booking_id} is no longer pending")
+    # Committed: the chain's end, on the same clock as a saga's finished_at.
+    return {"booking": booking_id, "done_at": time.time()}
+
+
+RUNS = {
+    "reserve_flight": reserve_flight_run,
+    "reserve_hotel": reserve_hotel_run,
+    "reserve_car": reserve_car_run,
+    "charge_payment": charge_payment_run,
+    "confirm_booking": confirm_booking_run,
+}
+
+TASKS = {
+    name: shared_task(**_options(name, timeout_s))(RUNS[name]) for name, _queue, timeout_s in STEPS
+}
+
+
+def bare_chain(*, booking_id: str, card_token: str, last_task_id: str):
+    """The five tasks as ``chain(task.si(...), ...)``; the last one gets ``last_task_id``."""
+    signatures = [
+        TASKS[name].si(booking_id=booking_id, card_token=card_token).set(queue=queue)
+        for name, queue, _ in STEPS
+    ]
+    signatures[-1] = signatures[-1].set(task_id=last_task_id, ignore_result=False)
+    return chain(*signatures)
+
+
+def noop_run(**_ignored: Any) -> dict[str, Any]:
+    return {"done_at": time.time()}
+
+
+# Celery's own floor: five tasks on the same queues that touch no table
+# (the result backend stores only the last one's result, as for the bare chain).
+noop = shared_task(**_options("noop", 10))(noop_run)
+
+
+def noop_chain(*, last_task_id: str):
+    signatures = [noop.si(step=name).set(queue=queue) for name, queue, _ in STEPS]
+    signatures[-1] = signatures[-1].set(task_id=last_task_id, ignore_result=False)
+    return chain(*signatures)
+
+
+def _publish(booking_id: str, card_token: str, last_task_id: str) -> None:
+    bare_chain(
+        booking_id=booking_id, card_token=card_token, last_task_id=last_task_id
+    ).apply_async()
+
+
+def booking_rows(
+    *,
+    user,
+    customer_name: str,
+    customer_email: str,
+    lines: list[LineRequest],
+    payment: PaymentRequest,
+) -> Booking:
+    """The booking and its lines as ``bookings.services.booking_create`` writes them.
+
+    The bench's own inputs are valid, so only the reads and writes of
+    ``booking_create`` are repeated here, not its error reporting.
+    """
+    items = inventory_selectors.items_by_sku(skus=sorted({line.sku for line in lines}))
+    total = sum((items[line.sku].price * line.quantity for line in lines), Decimal("0"))
+    booking = Booking(
+        user=user,
+        customer_name=customer_name,
+        customer_email=customer_email,
+        total=total,
+        currency=payment.currency,
+    )
+    booking.full_clean()
+    booking.save(force_insert=True)
+    BookingLine.objects.bulk_create(
+        BookingLine(
+            booking=booking,
+            sku=line.sku,
+            kind=items[line.sku].kind,
+            name=items[line.sku].name,
+            quantity=line.quantity,
+            unit_price=items[line.sku].price,
+            currency=items[line.sku].currency,
+        )
+        for line in lines
+    )
+    return booking
+
+
+@transaction.atomic
+def bare_booking_create(*, payment: PaymentRequest, last_task_id: str, **booking: Any) -> Booking:
+    """``booking_create`` without the saga: the same rows, then the bare chain after commit."""
+    created = booking_rows(payment=payment, **booking)
+    transaction.on_commit(partial(_publish, str(created.id), payment.card_token, last_task_id))
+    return created

@@ -1,0 +1,244 @@
+"""Summaries, targets, the machine a run came from, and the printed table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import celery
+import django
+from django.db import connection
+
+from sagas.selectors import percentile
+
+# Issue 5's targets on a 2-core machine with web, worker, Redis and PostgreSQL on it.
+TARGETS: list[tuple[str, str, float, str]] = [
+    # path into the report, comparison, bound, what it is
+    ("sagas_per_s", ">=", 40, "trip sagas per second (burst)"),
+    ("overhead_ratio", ">=", 0.75, "saga throughput / bare chain throughput"),
+    ("lone_latency_ms.p50", "<", 60, "lone saga latency p50, ms"),
+    ("lone_latency_ms.p99", "<", 150, "lone saga latency p99, ms"),
+    ("half_load_latency_ms.p99", "<", 250, "latency p99 at half capacity, ms"),
+    ("compensation_latency_ms.p99", "<", 500, "last-step failure to COMPENSATED p99, ms"),
+    (
+        "sql_per_step.bookkeeping_per_step_max",
+        "<=",
+        3,
+        "bookkeeping SQL statements per step beyond the domain's",
+    ),
+]
+SCALE_PAGE_TARGET_MS = 300
+
+
+def summary(values: Iterable[float]) -> dict[str, float | int | None]:
+    ordered = sorted(values)
+    if not ordered:
+        return {"n": 0, "p50": None, "p95": None, "p99": None, "max": None, "mean": None}
+
+    def at(fraction: float) -> float:
+        return round(percentile(ordered, fraction), 1)
+
+    return {
+        "n": len(ordered),
+        "p50": at(0.5),
+        "p95": at(0.95),
+        "p99": at(0.99),
+        "max": round(ordered[-1], 1),
+        "mean": round(sum(ordered) / len(ordered), 1),
+    }
+
+
+def lookup(report: dict[str, Any], path: str) -> Any:
+    value: Any = report
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def passes(value: Any, comparison: str, bound: float) -> bool | None:
+    if value is None:
+        return None
+    return {"<": value < bound, "<=": value <= bound, ">=": value >= bound}[comparison]
+
+
+# A saga does the bare chain's work and more: where the bare chain misses a
+# target too, the target is out of reach for any saga engine on this machine.
+BARE_BOUNDS = {
+    "sagas_per_s": "bare_chains_per_s",
+    "lone_latency_ms.p50": "bare_lone_latency_ms.p50",
+    "lone_latency_ms.p99": "bare_lone_latency_ms.p99",
+}
+
+
+def judge(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    verdicts = {}
+    for path, comparison, bound, what in TARGETS:
+        value = lookup(report, path)
+        verdict = {
+            "what": what,
+            "target": f"{comparison} {bound:g}",
+            "value": value,
+            "pass": passes(value, comparison, bound),
+        }
+        if path in BARE_BOUNDS:
+            bare = lookup(report, BARE_BOUNDS[path])
+            verdict["bare_chain"] = bare
+            verdict["bare_chain_passes"] = passes(bare, comparison, bound)
+        verdicts[path] = verdict
+    return verdicts
+
+
+# --- the machine ------------------------------------------------------------------
+
+
+def _meminfo_mb() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def database_version() -> str:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW server_version")
+            return f"PostgreSQL {cursor.fetchone()[0]}"
+    if connection.vendor == "sqlite":
+        return f"SQLite {sqlite3.sqlite_version}"
+    return connection.vendor
+
+
+def redis_version(url: str) -> str:
+    import redis
+
+    try:
+        return "Redis " + str(redis.Redis.from_url(url).info("server")["redis_version"])
+    except Exception as exc:  # the report says what went wrong instead
+        return f"unknown ({type(exc).__name__})"
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine(broker_url: str) -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "memory_mb": _meminfo_mb(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "django": django.get_version(),
+        "celery": celery.__version__,
+        "database": database_version(),
+        "redis": redis_version(broker_url) if broker_url else None,
+        "load_average_at_start": load_average(),
+    }
+
+
+# --- the table ----------------------------------------------------------------------
+
+
+def _ms(stats: dict[str, Any] | None, *keys: str) -> str:
+    if not stats:
+        return "-"
+    return " / ".join("-" if stats.get(k) is None else f"{stats[k]:.1f}" for k in keys)
+
+
+def table(report: dict[str, Any]) -> str:
+    """The run as text: one line per figure, then the targets."""
+    m = report["machine"]
+    sql = report["sql_per_step"]
+    lines = [
+        f"machine: {m['cores']} cores, {m['memory_mb']} MB, {m['cpu']}; Python {m['python']}, "
+        f"{m['database']}, {m['redis']}; load {m['load_average_at_start']} -> "
+        f"{m.get('load_average_at_end')}",
+        "",
+        f"{'figure':<44}{'value':>26}",
+        f"{'sagas/s (burst)':<44}{report['sagas_per_s']:>26.1f}",
+        f"{'bare chains/s (burst)':<44}{report['bare_chains_per_s']:>26.1f}",
+        f"{'  each burst, sagas | bare chains':<44}{_bursts(report.get('bursts_per_s')):>26}",
+        f"{'no-op 5-task chains/s (Celery floor)':<44}{report['noop_chains_per_s']:>26.1f}",
+        f"{'overhead ratio saga/bare':<44}{report['overhead_ratio']:>26.3f}",
+        f"{'burst latency p50/p95/p99 ms':<44}{_ms(report['latency_ms'], 'p50', 'p95', 'p99'):>26}",
+        f"{'bare burst latency p50/p95/p99 ms':<44}"
+        f"{_ms(report['bare_latency_ms'], 'p50', 'p95', 'p99'):>26}",
+        f"{'half-load latency p50/p95/p99 ms':<44}"
+        f"{_ms(report['half_load_latency_ms'], 'p50', 'p95', 'p99'):>26}",
+        f"{'  at arrivals/s (submit lag p99 ms)':<44}{_rate(report['half_load_latency_ms']):>26}",
+        f"{'lone saga latency p50/p95/p99 ms':<44}"
+        f"{_ms(report['lone_latency_ms'], 'p50', 'p95', 'p99'):>26}",
+        f"{'lone bare chain latency p50/p95/p99 ms':<44}"
+        f"{_ms(report['bare_lone_latency_ms'], 'p50', 'p95', 'p99'):>26}",
+        f"{'lone no-op chain latency p50/p95/p99 ms':<44}"
+        f"{_ms(report['noop_lone_latency_ms'], 'p50', 'p95', 'p99'):>26}",
+        f"{'compensation latency p50/p95/p99 ms':<44}"
+        f"{_ms(report['compensation_latency_ms'], 'p50', 'p95', 'p99'):>26}",
+        f"{'  at arrivals/s (submit lag p99 ms)':<44}"
+        f"{_rate(report['compensation_latency_ms']):>26}",
+        f"{'SQL per action step: total/bookkeeping/domain':<44}{_sql(sql['action']):>26}",
+        f"{'SQL per compensation: total/bookkeeping/dom.':<44}{_sql(sql['compensation']):>26}",
+        f"{'SQL per bare step: total/bookkeeping/domain':<44}{_sql(sql['bare_action']):>26}",
+        f"{'result backend statements per task':<44}{sql['result_backend_per_task']:>26}",
+        f"{'step bodies in-process ms/trip saga/bare':<44}"
+        f"{_steps(report.get('in_process_step_ms')):>26}",
+        f"{'worker RSS MB (main + children)':<44}{report['worker_rss_mb']:>26.1f}",
+        "",
+        "targets:",
+    ]
+    for verdict in report["targets"].values():
+        mark = {True: "PASS", False: "FAIL", None: "n/a"}[verdict["pass"]]
+        value = verdict["value"]
+        shown = "-" if value is None else f"{value:g}"
+        line = f"  {mark:<5}{verdict['what']:<58}{shown:>10} {verdict['target']}"
+        if verdict.get("bare_chain_passes") is False:
+            line += f"  (bare chain: {verdict['bare_chain']:g}, misses it too)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _rate(stats: dict[str, Any] | None) -> str:
+    if not stats or stats.get("arrival_per_s") is None:
+        return "-"
+    lag = stats.get("submit_lag_ms_p99")
+    return f"{stats['arrival_per_s']:.1f} ({'-' if lag is None else f'{lag:.1f}'})"
+
+
+def _sql(stats: dict[str, Any]) -> str:
+    return f"{stats['total']:g} / {stats['bookkeeping']:g} / {stats['domain']:g}"
+
+
+def _steps(timing: dict[str, Any] | None) -> str:
+    if not timing:
+        return "-"
+    return f"{timing['saga']['per_trip']:.1f} / {timing['bare']['per_trip']:.1f}"
+
+
+def _bursts(rates: dict[str, list[float]] | None) -> str:
+    if not rates:
+        return "-"
+    return (
+        " ".join(f"{r:.1f}" for r in rates["sagas"])
+        + " | "
+        + " ".join(f"{r:.1f}" for r in rates["bare_chains"])
+    )

@@ -1,0 +1,278 @@
+"""SQL statements per saga step, counted through the real step wrapper.
+
+One trip saga runs in this process, step by step, through
+``sagas.runtime.run_action`` / ``run_compensation`` (what the worker's task
+calls) with a stand-in for the Celery task. ``connection.execute_wrapper``
+sees every statement; a statement that names ``sagas_saga`` or
+``sagas_sagalog`` is bookkeeping, one that names a
+``django_celery_results`` table is the result backend, everything else
+(the step's services, their savepoints included) is domain work.
+
+Each step runs in autocommit mode as in a worker, so the wrapper's
+transaction is the outermost one: BEGIN and COMMIT are the transaction, not
+work, and are not counted on either side (SQLite's BEGIN IMMEDIATE reaches
+the wrapper and is left out).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import SimpleNamespace
+from typing import Any
+
+from celery import current_app
+from celery.app.task import Context
+from django.db import connection, transaction
+from django.utils import timezone
+
+from bookings.bench import bare
+from bookings.bench.fixture import CARD_TOKEN, BenchFixture
+from bookings.services import TRIP_BOOKING
+from sagas.definitions import registry
+from sagas.errors import ChaosFailure
+from sagas.models import Saga
+from sagas.runtime import run_action, run_compensation
+from sagas.services import saga_begin_compensation, saga_finish_compensation
+
+BOOKKEEPING = "bookkeeping"
+DOMAIN = "domain"
+RESULT_BACKEND = "result_backend"
+# SQLite's BEGIN IMMEDIATE goes through the cursor; PostgreSQL's BEGIN does not.
+# Either way it is the transaction, not work: left out of every count.
+TRANSACTION = "transaction"
+
+_SAGA_TABLES = re.compile(r"\bsagas_saga(?:log)?\b", re.IGNORECASE)
+_RESULT_TABLES = re.compile(r"\bdjango_celery_results_\w+", re.IGNORECASE)
+_BEGIN = re.compile(r"^\s*BEGIN\b", re.IGNORECASE)
+_SAVEPOINT = re.compile(r"^\s*(?:RELEASE\s+|ROLLBACK\s+TO\s+)?SAVEPOINT\b", re.IGNORECASE)
+
+
+def classify(sql: str) -> str:
+    if _BEGIN.match(sql):
+        return TRANSACTION
+    if _SAGA_TABLES.search(sql):
+        return BOOKKEEPING
+    if _RESULT_TABLES.search(sql):
+        return RESULT_BACKEND
+    return DOMAIN
+
+
+def is_savepoint(sql: str) -> bool:
+    return bool(_SAVEPOINT.match(sql))
+
+
+@dataclass
+class StatementCounter:
+    """An ``execute_wrapper`` that records every statement with its category."""
+
+    statements: list[tuple[str, str]] = field(default_factory=list)
+
+    def __call__(self, execute: Callable, sql: str, params: Any, many: bool, context: dict):
+        self.statements.append((classify(sql), sql))
+        return execute(sql, params, many, context)
+
+    def count(self, category: str | None = None, *, savepoints: bool = True) -> int:
+        return sum(
+            1
+            for kind, sql in self.statements
+            if kind != TRANSACTION
+            and (category is None or kind == category)
+            and (savepoints or not is_savepoint(sql))
+        )
+
+    def summary(self, *, savepoints: bool = True) -> dict[str, int]:
+        return {
+            "total": self.count(savepoints=savepoints),
+            BOOKKEEPING: self.count(BOOKKEEPING),
+            DOMAIN: self.count(DOMAIN, savepoints=savepoints),
+            RESULT_BACKEND: self.count(RESULT_BACKEND),
+        }
+
+    def listing(self, width: int = 110) -> list[str]:
+        return [f"{kind}: {' '.join(sql.split())[:width]}" for kind, sql in self.statements]
+
+
+@contextmanager
+def counting() -> Iterator[StatementCounter]:
+    counter = StatementCounter()
+    with connection.execute_wrapper(counter):
+        yield counter
+
+
+class StandInTask:
+    """What the step wrapper reads from a bound Celery task: ``request`` and ``retry``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.request = SimpleNamespace(retries=0, id=str(uuid.uuid4()), hostname="bench@sql-count")
+
+    def retry(self, **_kwargs: Any):
+        raise AssertionError(f"{self.name}: the SQL count expects no retries")
+
+
+def _unpublished_trip(fixture: BenchFixture, index: int, chaos: dict | None = None) -> Saga:
+    """A booking and its RUNNING trip saga, as booking_create and saga_publish leave them.
+
+    Nothing is published: this process runs the steps itself.
+    """
+    with transaction.atomic():
+        booking = bare.booking_rows(**fixture.booking_request(index))
+        definition = registry.get(TRIP_BOOKING)
+        now = timezone.now()
+        context: dict[str, Any] = {"booking_id": str(booking.id), "card_token": CARD_TOKEN}
+        if chaos:
+            context["chaos"] = chaos
+        saga = Saga.objects.create(
+            saga_type=TRIP_BOOKING,
+            business_key=f"booking:{booking.id}",
+            owner=fixture.user,
+            context=context,
+            deadline=now + timedelta(seconds=definition.deadline_s),
+            status=Saga.Status.RUNNING,
+            dispatched_at=now,
+            started_at=now,
+        )
+        booking.saga_id = saga.id
+        booking.save(update_fields=["saga_id"])
+    return saga
+
+
+def _step_row(phase: str, name: str, counter: StatementCounter) -> dict[str, Any]:
+    return {"phase": phase, "step": name, **counter.summary(), "statements": counter.listing()}
+
+
+def _average(rows: list[dict[str, Any]]) -> dict[str, float]:
+    keys = ("total", BOOKKEEPING, DOMAIN)
+    return {key: round(sum(row[key] for row in rows) / len(rows), 2) for key in keys}
+
+
+def result_backend_writes(task_name: str, kwargs: dict[str, Any]) -> StatementCounter:
+    """What storing one task's SUCCESS costs, as the worker stores it (result_extended)."""
+    task_id = str(uuid.uuid4())
+    request = Context(
+        id=task_id,
+        task=task_name,
+        args=[],
+        kwargs=kwargs,
+        argsrepr="()",
+        kwargsrepr=repr(kwargs),
+        hostname="bench@sql-count",
+        delivery_info={},
+        chord=None,
+    )
+    with counting() as counter:
+        current_app.backend.mark_as_done(task_id, {"outcome": "succeeded"}, request=request)
+    from django_celery_results.models import TaskResult
+
+    TaskResult.objects.filter(task_id=task_id).delete()
+    return counter
+
+
+def count_sql(fixture: BenchFixture) -> dict[str, Any]:
+    """Run one trip saga to COMPLETED, one to COMPENSATED and one bare chain, counting SQL."""
+    definition = registry.get(TRIP_BOOKING)
+    steps: list[dict[str, Any]] = []
+
+    saga = _unpublished_trip(fixture, 0)
+    actions = []
+    for index, step in enumerate(definition.steps):
+        with counting() as counter:
+            run_action(StandInTask(step.name), definition, index, str(saga.pk))
+        actions.append(_step_row("action", step.name, counter))
+    saga.refresh_from_db()
+    if saga.status != Saga.Status.COMPLETED:
+        raise AssertionError(f"the counted saga ended {saga.status}, not COMPLETED")
+
+    # The same trip failing at its last step: count the compensations.
+    failing = _unpublished_trip(fixture, 1, chaos={"fail": [definition.steps[-1].name]})
+    saga_id = str(failing.pk)
+    for index in range(len(definition.steps) - 1):
+        run_action(StandInTask(definition.steps[index].name), definition, index, saga_id)
+    last = len(definition.steps) - 1
+    # The injected failure is the point: the wrapper logs it and re-raises.
+    with counting() as failed_action, suppress(ChaosFailure):
+        run_action(StandInTask(definition.steps[last].name), definition, last, saga_id)
+    # The errback's statements, rolled back so that its compensation chain is
+    # never published (this process runs the compensations itself); the
+    # savepoint that rollback needs is left out of its count.
+    with counting() as errback, transaction.atomic():
+        saga_begin_compensation(saga_id=saga_id, failed_task_id="bench-sql-count")
+        transaction.set_rollback(True)
+    undo = Saga.objects.filter(pk=saga_id)
+    undo.update(status=Saga.Status.COMPENSATING, undo_cursor=last, updated_at=timezone.now())
+    compensations = []
+    for index in reversed(range(last)):
+        step = definition.steps[index]
+        with counting() as counter:
+            run_compensation(StandInTask(step.undo_name), definition, index, saga_id)
+        compensations.append(_step_row("compensation", step.undo_name, counter))
+    with counting() as finish:
+        saga_finish_compensation(saga_id=saga_id)
+    if undo.values_list("status", flat=True).get() != Saga.Status.COMPENSATED:
+        raise AssertionError("the counted compensation did not end COMPENSATED")
+
+    # The bare chain's steps: the same domain work without the saga.
+    booking = bare.booking_rows(**fixture.booking_request(2))
+    bare_steps = []
+    for name, _queue, _timeout in bare.STEPS:
+        with counting() as counter:
+            bare.RUNS[name](booking_id=str(booking.id), card_token=CARD_TOKEN)
+        bare_steps.append(_step_row("bare", name, counter))
+
+    result = result_backend_writes(
+        f"{TRIP_BOOKING}.{definition.steps[0].name}", {"saga_id": saga_id}
+    )
+    steps = actions + compensations + bare_steps
+    bookkeeping_max = max(row[BOOKKEEPING] for row in actions + compensations)
+    return {
+        "action": _average(actions),
+        "compensation": _average(compensations),
+        "bookkeeping_per_step_max": bookkeeping_max,
+        "bare_action": _average(bare_steps),
+        "result_backend_per_task": result.count(),
+        "saga_level": {
+            "failed_action": failed_action.summary(),
+            "errback": errback.summary(savepoints=False),
+            "finish_compensation": finish.summary(),
+        },
+        "steps": steps,
+        "result_backend_statements": result.listing(),
+    }
+
+
+def time_steps(fixture: BenchFixture, *, trips: int, offset: int) -> dict[str, Any]:
+    """Milliseconds the step bodies take in one process, commits included, Celery left out.
+
+    The saga's steps through the step wrapper, and the bare chain's: what a
+    worker process spends in the database per trip, whatever the broker adds.
+    """
+    definition = registry.get(TRIP_BOOKING)
+    saga_ms = [0.0] * len(definition.steps)
+    bare_ms = [0.0] * len(bare.STEPS)
+    for trip in range(trips):
+        saga_id = str(_unpublished_trip(fixture, offset + 2 * trip).pk)
+        for index, step in enumerate(definition.steps):
+            start = time.perf_counter()
+            run_action(StandInTask(step.name), definition, index, saga_id)
+            saga_ms[index] += (time.perf_counter() - start) * 1000
+        booking_id = str(bare.booking_rows(**fixture.booking_request(offset + 2 * trip + 1)).id)
+        for index, (name, _queue, _timeout) in enumerate(bare.STEPS):
+            start = time.perf_counter()
+            bare.RUNS[name](booking_id=booking_id, card_token=CARD_TOKEN)
+            bare_ms[index] += (time.perf_counter() - start) * 1000
+
+    def per_trip(totals: list[float], names: list[str]) -> dict[str, Any]:
+        steps = {name: round(total / trips, 2) for name, total in zip(names, totals, strict=True)}
+        return {"per_trip": round(sum(totals) / trips, 1), "per_step": steps}
+
+    return {
+        "trips": trips,
+        "saga": per_trip(saga_ms, definition.action_names),
+        "bare": per_trip(bare_ms, [name for name, _queue, _timeout in bare.STEPS]),
+    }

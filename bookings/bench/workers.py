@@ -1,0 +1,229 @@
+"""The Celery workers a bench run starts itself, measures and stops.
+
+``celery -A config worker -P prefork -c 2`` on every context queue, as a
+subprocess in its own session, with the bench's own settings module, database
+and broker. It is stopped with a warm shutdown, and its whole process group is
+killed if that does not end it, so no worker outlives the bench; on Linux the
+kernel also stops it if the bench itself is killed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from celery import current_app
+from celery.utils.nodenames import host_format
+from django.conf import settings
+from django.db import connection
+
+QUEUES = ("sagas", "bookings", "inventory", "payments")
+NODE_NAME = "bench@%h"
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+class BenchError(Exception):
+    """A run that cannot go on, explained in one line."""
+
+
+def database_url(settings_dict: dict) -> str:
+    """The DATABASE_URL of the bench's own database connection, for the workers."""
+    engine = settings_dict["ENGINE"]
+    if engine.endswith("sqlite3"):
+        return f"sqlite:///{settings_dict['NAME']}"
+    if engine.endswith("postgresql"):
+        user = quote(settings_dict.get("USER") or "", safe="")
+        password = quote(settings_dict.get("PASSWORD") or "", safe="")
+        credentials = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+        host = settings_dict.get("HOST") or ""
+        port = f":{settings_dict['PORT']}" if settings_dict.get("PORT") else ""
+        return f"postgres://{credentials}{host}{port}/{quote(settings_dict['NAME'], safe='')}"
+    raise BenchError(f"the bench runs on PostgreSQL or SQLite, not {engine}")
+
+
+def broker_url() -> str:
+    url = current_app.conf.broker_url or ""
+    if not url.startswith(("redis://", "rediss://")):
+        raise BenchError(
+            "no Redis broker configured: set REDIS_URL, or run `make bench`, which starts one"
+        )
+    return url
+
+
+def celery_command(concurrency: int) -> list[str]:
+    beside_python = Path(sys.executable).with_name("celery")
+    executable = (
+        str(beside_python) if beside_python.exists() else shutil.which("celery") or "celery"
+    )
+    return [
+        executable,
+        "-A",
+        "config",
+        "worker",
+        "-P",
+        "prefork",
+        "-c",
+        str(concurrency),
+        "-Q",
+        ",".join(QUEUES),
+        "-n",
+        NODE_NAME,
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "WARNING",
+    ]
+
+
+def _die_with_parent() -> None:
+    """Runs in the worker before exec: SIGTERM it if the bench dies uncleanly (Linux)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def rss_kb(pid: int) -> int:
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after it.
+    return int(stat.rsplit(")", 1)[1].split()[2])
+
+
+def child_pids(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return sorted(set(children))
+
+
+class WorkerPool:
+    """One ``celery worker`` process (prefork: a main process and ``concurrency`` children)."""
+
+    def __init__(self, *, concurrency: int = 2) -> None:
+        self.concurrency = concurrency
+        self.nodename = host_format(NODE_NAME)
+        self.process: subprocess.Popen | None = None
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the pool
+            prefix="bench-worker-", suffix=".log", delete=False
+        )
+
+    @property
+    def logfile(self) -> str:
+        return self._log.name
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["DATABASE_URL"] = database_url(connection.settings_dict)
+        env["REDIS_URL"] = broker_url()
+        env["DJANGO_SETTINGS_MODULE"] = settings.SETTINGS_MODULE
+        return env
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(  # noqa: S603 - fixed arguments, no shell
+            celery_command(self.concurrency),
+            cwd=settings.BASE_DIR,
+            env=self.environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if self.process.poll() is not None:
+                raise BenchError(f"the worker exited at startup:\n{self.log_tail()}")
+            if current_app.control.ping(destination=[self.nodename], timeout=0.5):
+                return
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"the worker did not answer within {READY_TIMEOUT_S:.0f}s:\n{self.log_tail()}"
+                )
+
+    def rss(self) -> dict[str, float]:
+        """Resident memory of the main process and its children, in MiB."""
+        if self.process is None or self.process.poll() is not None:
+            return {"total": 0.0, "main": 0.0, "children": 0.0, "processes": 0}
+        main = rss_kb(self.process.pid)
+        children = [rss_kb(pid) for pid in child_pids(self.process.pid)]
+        return {
+            "total": round((main + sum(children)) / 1024, 1),
+            "main": round(main / 1024, 1),
+            "children": round(sum(children) / 1024, 1),
+            "processes": 1 + len(children),
+        }
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        group = self.process.pid
+        children = child_pids(group)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # warm shutdown
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                # Still running, so the group id is still the worker's own.
+                os.killpg(group, signal.SIGKILL)
+                self.process.wait()
+        for pid in children:  # a pool child that outlived its main process
+            if _process_group(pid) == group:
+                os.kill(pid, signal.SIGKILL)
+        self._log.close()
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        text = Path(self.logfile).read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:]) or "(empty worker log)"
+
+    def discard_log(self) -> None:
+        Path(self.logfile).unlink(missing_ok=True)
+
+
+def foreign_workers(nodename: str) -> list[str]:
+    """Other workers listening on this broker: they would take the bench's tasks."""
+    replies = current_app.control.ping(timeout=1.0) or []
+    return sorted(name for reply in replies for name in reply if name != nodename)
+
+
+def queued_messages() -> dict[str, int]:
+    """Messages waiting in the bench's queues, including unacknowledged ones."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url())
+    counts = {queue: int(client.llen(queue)) for queue in QUEUES}
+    counts["unacked"] = int(client.zcard("unacked_index"))
+    return {name: n for name, n in counts.items() if n}
+
+
+def purge_queues() -> None:
+    import redis
+
+    client = redis.Redis.from_url(broker_url())
+    client.delete(*QUEUES, "unacked", "unacked_index", "unacked_mutex")

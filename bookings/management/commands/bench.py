@@ -1,0 +1,115 @@
+import json
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from bookings.bench.report import table
+from bookings.bench.runner import BenchConfig, run_bench
+from bookings.bench.scale import ScaleConfig, run_scale, scale_table
+from bookings.bench.workers import BenchError
+
+THROUGHPUT_FLAGS = (
+    "sagas",
+    "submitters",
+    "lone",
+    "failures",
+    "half_load_sagas",
+    "skip_half_load",
+    "warmup",
+    "rounds",
+    "concurrency",
+    "purge",
+    "allow_foreign_workers",
+)
+
+
+def _given(value) -> bool:
+    """Set on the command line: a number (0 included) or a switch that is on."""
+    return value is not None and value is not False
+
+
+class Command(BaseCommand):
+    help = (
+        "Benchmark trip sagas against a bare Celery chain with workers started here: "
+        "throughput, latency, compensation latency, SQL per step and worker memory. "
+        "--scale times the admin and API pages over the seeded sagas instead "
+        "(see seed_sagas)."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--sagas", type=int, help="sagas (and bare chains) per burst [500]")
+        parser.add_argument("--submitters", type=int, help="threads submitting bookings [4]")
+        parser.add_argument("--lone", type=int, help="sagas run one at a time [50]")
+        parser.add_argument("--failures", type=int, help="sagas failing at the last step [100]")
+        parser.add_argument(
+            "--half-load-sagas", type=int, help="sagas at half capacity [sagas / 2]"
+        )
+        parser.add_argument("--skip-half-load", action="store_true", help="skip that phase")
+        parser.add_argument("--warmup", type=int, help="sagas and bare chains to warm up [20]")
+        parser.add_argument(
+            "--rounds", type=int, help="saga and bare bursts taken in turns, --sagas split [2]"
+        )
+        parser.add_argument("--concurrency", type=int, help="worker processes (prefork -c) [2]")
+        parser.add_argument("--timeout", type=float, help="seconds any phase may take [300]")
+        parser.add_argument(
+            "--purge", action="store_true", help="drop messages already in the bench's queues"
+        )
+        parser.add_argument(
+            "--allow-foreign-workers",
+            action="store_true",
+            help="run even if other workers consume this broker (their work skews the figures)",
+        )
+        parser.add_argument("--json", metavar="PATH", help="write the report to PATH as JSON")
+        parser.add_argument(
+            "--scale",
+            action="store_true",
+            help="time the admin and API pages over the sagas in the database (seed_sagas first)",
+        )
+        parser.add_argument("--runs", type=int, help="--scale: timed requests per page [5]")
+
+    def handle(self, *args, **options):
+        path = self._json_path(options["json"])
+        try:
+            if options["scale"]:
+                used = [flag for flag in THROUGHPUT_FLAGS if _given(options[flag])]
+                if used:
+                    flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in used)
+                    raise CommandError(f"--scale times pages only; it takes no {flags}")
+                config = ScaleConfig(**self._given(options, "runs", "timeout"))
+                report = run_scale(config, self._echo)
+                text = scale_table(report)
+            else:
+                if options["runs"] is not None:
+                    raise CommandError("--runs belongs to --scale")
+                config = BenchConfig(**self._given(options, *THROUGHPUT_FLAGS, "timeout"))
+                report = run_bench(config, self._echo)
+                text = table(report)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        except BenchError as exc:
+            raise CommandError(f"bench failed: {exc}") from None
+        except KeyboardInterrupt:
+            raise CommandError(
+                "interrupted; the workers were stopped (the next run needs --purge)"
+            ) from None
+        self.stdout.write("\n" + text)
+        if path is not None:
+            path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+            self.stdout.write(f"\nreport written to {path}")
+
+    def _given(self, options, *names):
+        return {name: options[name] for name in names if _given(options[name])}
+
+    def _json_path(self, value):
+        if value is None:
+            return None
+        path = Path(value)
+        if path.is_dir():
+            raise CommandError(f"--json {value}: is a directory; name a file")
+        if not path.parent.is_dir():
+            raise CommandError(f"--json {value}: directory {path.parent} does not exist")
+        return path
+
+    def _echo(self, message: str) -> None:
+        self.stdout.write(message)
+        self.stdout.flush()
