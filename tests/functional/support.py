@@ -31,6 +31,23 @@ def book_trip(user, items, *, chaos=None, card_token="tok_ok", quantity=1) -> Bo
     )
 
 
+def park_after(customer, items, steps: int) -> str:
+    """A RUNNING saga whose chain stopped after ``steps`` actions, nothing else in flight:
+    as if its messages were lost. Only those steps are published."""
+    from unittest import mock
+
+    from bookings.saga_steps import trip_booking
+
+    with mock.patch("sagas.services.transaction.on_commit"):
+        booking = book_trip(customer, items)
+    saga_id = str(booking.saga_id)
+    Saga.objects.filter(pk=saga_id).update(status=Saga.Status.RUNNING)
+    for index in range(steps):
+        trip_booking.action_signature(index, saga_id).apply_async()
+        wait_for(lambda i=index: Saga.objects.get(pk=saga_id).steps_done == i + 1)
+    return saga_id
+
+
 def wait_terminal(saga_id, *, timeout: float = 30.0) -> Saga:
     def terminal():
         saga = Saga.objects.get(pk=saga_id)

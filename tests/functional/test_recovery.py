@@ -8,11 +8,9 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError
 
 from bookings.models import Booking
-from bookings.saga_steps import trip_booking
 from sagas import services as saga_services
 from sagas.models import Saga, SagaLog
-from tests.conftest import wait_for
-from tests.functional.support import TRIP_STEPS, book_trip, done_steps, stock, wait_terminal
+from tests.functional.support import TRIP_STEPS, done_steps, park_after, stock, wait_terminal
 
 pytestmark = [pytest.mark.saga, pytest.mark.django_db(transaction=True)]
 
@@ -25,15 +23,7 @@ def _worker(celery_worker):
 
 
 def stuck_after(customer, trip_items, steps: int) -> Saga:
-    """A saga whose messages were lost after ``steps`` actions ran: only those are published."""
-    with mock.patch("sagas.services.transaction.on_commit"):
-        booking = book_trip(customer, trip_items)
-    saga_id = str(booking.saga_id)
-    Saga.objects.filter(pk=saga_id).update(status=Saga.Status.RUNNING)
-    for index in range(steps):
-        trip_booking.action_signature(index, saga_id).apply_async()
-        wait_for(lambda i=index: Saga.objects.get(pk=saga_id).steps_done == i + 1)
-    return Saga.objects.get(pk=saga_id)
+    return Saga.objects.get(pk=park_after(customer, trip_items, steps))
 
 
 def backdate(saga: Saga, **fields) -> None:
