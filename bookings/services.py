@@ -119,6 +119,11 @@ def booking_create(
         saga_type=TRIP_BOOKING, business_key=f"booking:{booking.id}", context=context, owner=user
     )
     booking.saga_id = saga.id
+    return booking_rows_write(booking=booking, items=items, lines=lines)
+
+
+def booking_rows_write(*, booking: Booking, items: dict, lines: list[LineRequest]) -> Booking:
+    """Insert a validated booking and its lines, priced from ``items`` (sku -> ItemInfo)."""
     booking.full_clean()
     booking.save(force_insert=True)
     BookingLine.objects.bulk_create(

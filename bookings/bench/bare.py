@@ -21,9 +21,9 @@ from django.conf import settings
 from django.db import transaction
 
 from bookings import selectors
-from bookings.models import Booking, BookingLine
+from bookings.models import Booking
 from bookings.saga_steps import KINDS
-from bookings.services import LineRequest, PaymentRequest, booking_move
+from bookings.services import LineRequest, PaymentRequest, booking_move, booking_rows_write
 from inventory import selectors as inventory_selectors
 from inventory import services as inventory
 from payments import services as payments
@@ -173,21 +173,7 @@ def booking_rows(
         total=total,
         currency=payment.currency,
     )
-    booking.full_clean()
-    booking.save(force_insert=True)
-    BookingLine.objects.bulk_create(
-        BookingLine(
-            booking=booking,
-            sku=line.sku,
-            kind=items[line.sku].kind,
-            name=items[line.sku].name,
-            quantity=line.quantity,
-            unit_price=items[line.sku].price,
-            currency=items[line.sku].currency,
-        )
-        for line in lines
-    )
-    return booking
+    return booking_rows_write(booking=booking, items=items, lines=lines)
 
 
 @transaction.atomic
