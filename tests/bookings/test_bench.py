@@ -24,7 +24,8 @@ from bookings.bench.sqlcount import (
     count_sql,
     is_savepoint,
 )
-from bookings.bench.workers import NODE_NAME, database_url
+from bookings.bench.workers import NODE_NAME
+from bookings.worker_processes import database_url
 from sagas.models import Saga, SagaLog
 
 TRIP_STEPS = ["reserve_flight", "reserve_hotel", "reserve_car", "charge_payment", "confirm_booking"]

@@ -485,7 +485,7 @@ def test_open_and_failed_sagas_are_flagged(trips):
     ],
 )
 def test_workers_get_the_database_this_process_uses(monkeypatch, database, inherited, expected):
-    from bookings.chaos.workers import database_url
+    from bookings.worker_processes import database_url
 
     monkeypatch.setenv("DATABASE_URL", inherited)
 

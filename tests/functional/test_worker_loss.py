@@ -9,7 +9,8 @@ import time
 import pytest
 from django.utils import timezone
 
-from bookings.chaos.workers import WorkerPool, pool_children
+from bookings.chaos.workers import WorkerPool
+from bookings.worker_processes import child_pids
 from inventory import selectors as inventory_selectors
 from inventory.models import Hold
 from sagas.models import Saga, SagaLog
@@ -39,7 +40,7 @@ def lone_worker(celery_worker, tmp_path):
 
 
 def test_a_step_killed_mid_way_runs_again_and_has_one_effect(lone_worker, customer, trip_items):
-    [child] = pool_children(lone_worker.process.pid)
+    [child] = child_pids(lone_worker.process.pid)
     booking = book_trip(customer, trip_items, chaos={"delay_ms": {"reserve_hotel": 1500}})
     wait_for(
         lambda: Saga.objects.get(pk=booking.saga_id).steps_done >= 1,
@@ -72,5 +73,5 @@ def test_a_step_killed_mid_way_runs_again_and_has_one_effect(lone_worker, custom
     assert stock(trip_items) == {"FL-TEST": (4, 0, 1), "HT-TEST": (4, 0, 1), "CR-TEST": (4, 0, 1)}
     # A task really was running in the killed process, and prefork replaced the process.
     assert "Task handler raised error: WorkerLostError" in lone_worker.logfile.read_text()
-    [replacement] = pool_children(lone_worker.process.pid)
+    [replacement] = child_pids(lone_worker.process.pid)
     assert replacement != child

@@ -1,0 +1,103 @@
+"""Starting `celery worker` subprocesses for the bench and chaos commands.
+
+Both run workers of their own against the database and broker the command
+itself uses (under pytest: the test database), and both must not leave them
+behind if the command dies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import quote
+
+import dj_database_url
+from django.conf import settings
+
+
+def database_url(database: dict) -> str:
+    """A DATABASE_URL for the database Django uses now; ValueError if workers can't share it.
+
+    The environment's own DATABASE_URL is passed on unchanged when it names
+    that database, so options such as ``sslmode`` survive.
+    """
+    engine = database["ENGINE"]
+    name = str(database["NAME"])
+    inherited = os.environ.get("DATABASE_URL", "")
+    if inherited and dj_database_url.parse(inherited).get("NAME") == database["NAME"]:
+        return inherited
+    if engine == "django.db.backends.sqlite3":
+        if name == ":memory:" or name.startswith("file:"):
+            raise ValueError("an in-memory SQLite database cannot be shared with worker processes")
+        return f"sqlite:///{Path(name).resolve()}"
+    if engine.startswith("django.db.backends.postgresql"):
+        user = quote(database.get("USER") or "", safe="")
+        password = quote(database.get("PASSWORD") or "", safe="")
+        auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+        host = quote(database.get("HOST") or "localhost", safe="")  # a socket directory too
+        port = f":{database['PORT']}" if database.get("PORT") else ""
+        return f"postgres://{auth}{host}{port}/{quote(name, safe='')}"
+    raise ValueError(f"workers can run on PostgreSQL or SQLite, not {engine}")
+
+
+def worker_environment(*, broker_url: str) -> dict[str, str]:
+    """This process's environment, pointed at its own settings, database and broker."""
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE=settings.SETTINGS_MODULE,
+        DATABASE_URL=database_url(settings.DATABASES["default"]),
+        REDIS_URL=broker_url,
+    )
+    return env
+
+
+def celery_command() -> list[str]:
+    """The `celery` of this virtualenv (or `python -m celery`)."""
+    celery = Path(sys.executable).with_name("celery")
+    return [str(celery)] if celery.exists() else [sys.executable, "-m", "celery"]
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec function: the kernel sends the child SIGTERM if this process dies (Linux).
+
+    libc is looked up here, before forking, so the child only makes one call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+def child_pids(pid: int) -> list[int]:
+    """The children of ``pid``, forked by any of its threads (a prefork pool respawns from one)."""
+    children: list[int] = []
+    readable = False
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+            readable = True
+        except OSError:
+            continue
+    return sorted(set(children)) if readable else _children_by_scan(pid)
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name is in parentheses and may hold spaces: split after it.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return sorted(children)
