@@ -13,21 +13,10 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from bookings.models import Booking, BookingLine
-from sagas.admin_support import EstimatedCountPaginator
+from sagas.admin_support import EstimatedCountPaginator, ReadOnlyAdminMixin
 
 
-class ReadOnlyMixin:
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
-
-class BookingLineInline(ReadOnlyMixin, admin.TabularInline):
+class BookingLineInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = BookingLine
     extra = 0
     can_delete = False
@@ -40,7 +29,7 @@ class BookingLineInline(ReadOnlyMixin, admin.TabularInline):
 
 
 @admin.register(Booking)
-class BookingAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class BookingAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = [
         "id",
         "user",

@@ -31,7 +31,12 @@ from django.utils.html import format_html
 from django.views.decorators.http import require_POST
 
 from sagas import services
-from sagas.admin_support import EstimatedCountPaginator, humanize_ms, saga_timeline
+from sagas.admin_support import (
+    EstimatedCountPaginator,
+    ReadOnlyAdminMixin,
+    humanize_ms,
+    saga_timeline,
+)
 from sagas.definitions import registry
 from sagas.errors import SagaError, UnknownSagaType
 from sagas.models import Saga, SagaLog
@@ -273,17 +278,8 @@ def with_task_results(queryset):
     )
 
 
-class ReadOnlyLogMixin:
+class ReadOnlyLogMixin(ReadOnlyAdminMixin):
     """The log is append-only history: no add, change or delete, ever."""
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     @admin.display(description="status")
     def status_badge(self, obj: SagaLog):

@@ -279,3 +279,16 @@ def saga_timeline(saga: Saga, definition: SagaDefinition, logs: Iterable[SagaLog
         (c.compensation.name for c in columns if c.compensation and c.compensation.failing), ""
     )
     return Timeline(columns, compensating, failing_action, failing_compensation, notes)
+
+
+class ReadOnlyAdminMixin:
+    """Admin pages that show history: nothing can be added, changed or deleted."""
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
