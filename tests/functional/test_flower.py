@@ -153,7 +153,10 @@ def test_flower_shows_the_worker_and_the_tasks_of_a_saga(
         mine = {
             task["name"]: task for task in tasks.values() if str(saga.id) in str(task.get("kwargs"))
         }
-        return mine if len(mine) == len(TRIP_STEPS) else None
+        # The saga ends when the last step commits; that task's "succeeded"
+        # event reaches Flower a moment later.
+        done = {task.get("state") for task in mine.values()} == {"SUCCESS"}
+        return mine if len(mine) == len(TRIP_STEPS) and done else None
 
     tasks = wait_for(saga_tasks, timeout=30, interval=0.2, message="Flower to see the saga")
     assert sorted(tasks) == sorted(f"trip_booking.{step}" for step in TRIP_STEPS)
