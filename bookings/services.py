@@ -19,7 +19,7 @@ from bookings.errors import (
 )
 from bookings.models import Booking, BookingLine, IdempotencyKey
 from inventory import selectors as inventory_selectors
-from sagas import chaos as saga_chaos
+from sagas import faults as saga_faults
 from sagas import selectors as saga_selectors
 from sagas.definitions import registry
 from sagas.services import saga_start
@@ -230,7 +230,7 @@ def booking_cancel(*, booking_id, chaos: dict[str, Any] | None = None) -> Bookin
 def _validate_chaos(saga_type: str, chaos: dict[str, Any]) -> None:
     definition = registry.get(saga_type)
     try:
-        saga_chaos.validate_plan(
+        saga_faults.validate_plan(
             chaos, actions=definition.action_names, compensations=definition.compensation_names
         )
     except ValueError as exc:

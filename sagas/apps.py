@@ -8,8 +8,11 @@ class SagasConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from sagas import checks  # noqa: F401  (registers the system checks)
+        # Imported here, once models are loaded: the checks register themselves,
+        # and tasks.py makes every saga type's step tasks from the registry.
+        from sagas import checks, tasks  # noqa: F401
 
         # Saga types live in each app's saga_steps module; load them so the
         # registry is complete in the web process, in workers and in beat.
         autodiscover_modules("saga_steps")
+        tasks.register_step_tasks()

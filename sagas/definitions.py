@@ -1,21 +1,28 @@
-"""Declaring saga types: ordered steps with their tasks, retry policies and timeouts.
+"""Declaring saga types: ordered steps with their retry policies and timeouts.
+
+A saga type is declared once, in an app's ``saga_steps`` module (the sagas
+app imports every one of them when Django starts)::
+
+    from sagas.definitions import RetryPolicy, SagaDefinition, Step
 
     trip = SagaDefinition(
         "trip_booking",
         steps=[
-            Step("reserve_flight", action=reserve_flight, compensation=release_flight,
-                 queue="inventory"),
-            ...
+            Step("reserve_flight", reserve_flight, release_flight, queue="inventory"),
+            Step("charge_payment", charge_payment, refund_payment, queue="payments",
+                 retry=RetryPolicy(max_retries=4), timeout_s=15),
+            Step("confirm_booking", confirm_booking, queue="bookings"),
         ],
         on_compensated=mark_rejected,
     )
 
-Each step becomes up to two named Celery tasks, ``<saga>.<step>`` and
-``<saga>.<compensation>`` (e.g. ``trip_booking.release_hotel``), routed to
-the step's queue, so Flower and the result store show what ran. Step
-functions take the locked ``Saga`` row and return a small JSON-serialisable
-dict (stored in SagaLog) or ``None``; a compensation returning ``None`` found
-nothing to undo and is logged as skipped.
+A declaration is plain data: nothing here builds a Celery task or chain.
+Once apps are ready, ``sagas.tasks`` makes each step up to two named tasks,
+``<saga>.<step>`` and ``<saga>.<compensation>`` (e.g. ``trip_booking.release_hotel``),
+and ``sagas.canvas`` builds chains of them by name, so Flower and the result
+store show what ran. Step functions take the locked ``Saga`` row and return a
+small JSON-serialisable dict (stored in SagaLog) or ``None``; a compensation
+returning ``None`` found nothing to undo and is logged as skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from celery import chain, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import OperationalError
@@ -33,8 +39,6 @@ from django.db import OperationalError
 from sagas.errors import TransientError, UnknownSagaType
 
 if TYPE_CHECKING:
-    from celery.canvas import Signature
-
     from sagas.models import Saga
 
 # Saga-level tasks (errbacks, finishing, reconciling) run here; steps name their own.
@@ -52,7 +56,14 @@ DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter: attempt n waits in [d/2, d], d = base * 2**n."""
+    """How a step retries: exponential backoff with jitter, for the errors in ``retry_on``.
+
+    Retry ``n`` (0-based) waits ``d = backoff_s * 2**n`` seconds, capped at
+    ``max_backoff_s`` and at the ``SAGA_MAX_RETRY_DELAY_S`` setting, and with
+    ``jitter`` a random time in ``[d/2, d]``. After ``max_retries`` retries the
+    error stands: Celery calls the saga's errback and compensation begins.
+    Errors not in ``retry_on`` fail the step at once.
+    """
 
     max_retries: int = 3
     backoff_s: float = 0.5
@@ -90,6 +101,25 @@ COMPENSATION_RETRY = RetryPolicy(max_retries=5, backoff_s=0.5, retry_on=(Excepti
 
 @dataclass(frozen=True)
 class Step:
+    """One step of a saga: an action and, optionally, the compensation that undoes it.
+
+    - ``name``: unique within the saga; the action's task is ``<saga>.<name>``.
+    - ``action(saga) -> dict | None``: runs in the step's transaction with the
+      saga row locked; its writes commit together with the step's log row, so
+      a redelivered message finds the step done and does nothing.
+    - ``compensation(saga) -> dict | None``: undoes the action, newest step
+      first; returning ``None`` means there was nothing to undo (logged
+      ``skipped``). It must cope with finding no effect at all.
+    - ``queue``: the Celery queue of both tasks (scale each context on its own).
+    - ``retry`` / ``compensation_retry``: their :class:`RetryPolicy`.
+    - ``timeout_s``: the soft time limit of one attempt; the hard limit is 5 s more.
+    - ``uncertain_on``: errors after which the action may have had its effect
+      (a call that left the process and whose answer was lost); such a step
+      is compensated even though it failed.
+    - ``compensation_name``: the compensation's name in logs, task names and
+      chaos plans; by default the compensation function's ``__name__``.
+    """
+
     name: str
     action: StepFn
     compensation: StepFn | None = None
@@ -97,11 +127,7 @@ class Step:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     compensation_retry: RetryPolicy = COMPENSATION_RETRY
     timeout_s: int = 10
-    # Errors after which the action may have had its effect (a request that left
-    # the process and timed out): when retries run out, it is compensated too.
     uncertain_on: tuple[type[BaseException], ...] = ()
-    # The compensation's name in logs, task names and chaos plans; defaults to
-    # the compensation function's name (e.g. "release_hotel").
     compensation_name: str = ""
 
     @property
@@ -121,6 +147,22 @@ class Step:
 
 
 class SagaDefinition:
+    """A saga type: its name, its ordered steps and what happens at its end.
+
+    - ``name``: the ``saga_type`` stored on every saga of this type.
+    - ``steps``: run in order; compensated newest first when one fails.
+    - ``deadline_s``: a saga still running this long after it was started is
+      compensated by the recovery sweeper (``saga_start`` can override it).
+    - ``on_compensated(saga)`` / ``on_failed(saga)``: domain hooks run in the
+      transaction that moves the saga to COMPENSATED or FAILED.
+    - ``harness``: dotted path of the type's chaos and bench plug-in (a
+      :class:`sagas.harness.SagaHarness` subclass), loaded only by the
+      ``chaos`` and ``bench`` commands, never by web or worker processes.
+
+    Declaring it registers it in :data:`registry`; a second type of the same
+    name is refused.
+    """
+
     def __init__(
         self,
         name: str,
@@ -129,6 +171,7 @@ class SagaDefinition:
         deadline_s: int = 300,
         on_compensated: Hook | None = None,
         on_failed: Hook | None = None,
+        harness: str = "",
     ) -> None:
         names = [step.name for step in steps] + [s.undo_name for s in steps if s.compensation]
         if not steps:
@@ -140,11 +183,7 @@ class SagaDefinition:
         self.deadline_s = deadline_s
         self.on_compensated = on_compensated
         self.on_failed = on_failed
-        self.action_tasks = [self._action_task(i) for i in range(len(steps))]
-        self.compensation_tasks = [
-            self._compensation_task(i) if step.compensation else None
-            for i, step in enumerate(steps)
-        ]
+        self.harness = harness
         registry.register(self)
 
     def __repr__(self) -> str:
@@ -171,87 +210,22 @@ class SagaDefinition:
                 return index
         raise KeyError(f"saga {self.name!r} has no step {step_name!r}")
 
-    # --- signatures ------------------------------------------------------------
-    def action_signature(self, index: int, saga_id: str) -> Signature:
-        from sagas.tasks import step_failed
+    # --- task names --------------------------------------------------------------
+    def action_task_name(self, index: int) -> str:
+        """``<saga>.<step>``, e.g. ``trip_booking.reserve_hotel``."""
+        return f"{self.name}.{self.steps[index].name}"
 
+    def compensation_task_name(self, index: int) -> str:
+        """``<saga>.<compensation>``, e.g. ``trip_booking.release_hotel``."""
         step = self.steps[index]
-        return (
-            self.action_tasks[index]
-            .si(saga_id=saga_id)
-            .set(queue=step.queue)
-            .on_error(step_failed.s(saga_id=saga_id).set(queue=SAGA_QUEUE))
-        )
-
-    def compensation_signature(self, index: int, saga_id: str) -> Signature:
-        from sagas.tasks import compensation_failed
-
-        task = self.compensation_tasks[index]
-        if task is None:
-            raise ValueError(f"step {self.steps[index].name!r} has no compensation")
-        return (
-            task.si(saga_id=saga_id)
-            .set(queue=self.steps[index].queue)
-            .on_error(compensation_failed.s(saga_id=saga_id).set(queue=SAGA_QUEUE))
-        )
-
-    def action_chain(self, saga_id: str, start: int = 0) -> Signature:
-        """The actions from ``start`` on: 0 to run a saga, ``steps_done`` to resume one."""
-        return chain(*(self.action_signature(i, saga_id) for i in range(start, len(self.steps))))
-
-    def compensation_chain(self, saga_id: str, undo_count: int) -> Signature:
-        """Compensations of steps ``undo_count - 1`` down to 0, newest first, then finish."""
-        from sagas.tasks import finish_compensation
-
-        signatures = [
-            self.compensation_signature(i, saga_id)
-            for i in reversed(range(undo_count))
-            if self.compensation_tasks[i] is not None
-        ]
-        signatures.append(finish_compensation.si(saga_id=saga_id).set(queue=SAGA_QUEUE))
-        return chain(*signatures)
-
-    # --- tasks -----------------------------------------------------------------
-    def _task_options(self, step: Step) -> dict[str, Any]:
-        return {
-            "bind": True,
-            "soft_time_limit": step.timeout_s,
-            "time_limit": step.hard_limit_s,
-            "acks_late": True,
-            "reject_on_worker_lost": True,
-            # SagaLog records every attempt; a stored result per step would
-            # write it twice. Failures are still stored (task_store_errors_even_if_ignored).
-            "ignore_result": not getattr(settings, "SAGA_STORE_STEP_RESULTS", False),
-        }
-
-    def _action_task(self, index: int):
-        from sagas.runtime import run_action
-
-        step = self.steps[index]
-        definition = self
-
-        def action(task, *, saga_id: str, **_ignored: Any) -> dict[str, Any]:
-            return run_action(task, definition, index, saga_id)
-
-        action.__doc__ = f"Action of step {step.name!r} of saga {self.name!r}."
-        return shared_task(name=f"{self.name}.{step.name}", **self._task_options(step))(action)
-
-    def _compensation_task(self, index: int):
-        from sagas.runtime import run_compensation
-
-        step = self.steps[index]
-        definition = self
-
-        def compensate(task, *, saga_id: str, **_ignored: Any) -> dict[str, Any]:
-            return run_compensation(task, definition, index, saga_id)
-
-        compensate.__doc__ = f"{step.undo_name}: undoes {step.name!r} of saga {self.name!r}."
-        return shared_task(name=f"{self.name}.{step.undo_name}", **self._task_options(step))(
-            compensate
-        )
+        if step.compensation is None:
+            raise ValueError(f"step {step.name!r} of saga {self.name!r} has no compensation")
+        return f"{self.name}.{step.undo_name}"
 
 
 class Registry:
+    """Every declared saga type, by name."""
+
     def __init__(self) -> None:
         self._definitions: dict[str, SagaDefinition] = {}
 
@@ -271,6 +245,9 @@ class Registry:
 
     def names(self) -> list[str]:
         return sorted(self._definitions)
+
+    def all(self) -> list[SagaDefinition]:
+        return [self._definitions[name] for name in self.names()]
 
 
 registry = Registry()

@@ -28,7 +28,7 @@ from django.db.models import F
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from sagas import chaos
+from sagas import faults
 from sagas.errors import EffectUncertain
 from sagas.models import Saga, SagaLog
 
@@ -130,7 +130,7 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
                     f"not due yet: {definition.steps[saga.steps_done].name} comes first",
                     continue_chain=False,
                 )
-            chaos.before_action(saga, step.name, attempt.number)
+            faults.before_action(saga, step.name, attempt.number)
             result = step.action(saga)
             now = timezone.now()
             started = saga.started_at or attempt.started
@@ -182,7 +182,7 @@ def run_compensation(task: Task, definition: SagaDefinition, index: int, saga_id
                     f"not due yet: {definition.steps[due].undo_name} comes first",
                     continue_chain=False,
                 )
-            chaos.before_compensation(saga, attempt.name, attempt.number)
+            faults.before_compensation(saga, attempt.name, attempt.number)
             assert step.compensation is not None
             result = step.compensation(saga)
             if result is None:

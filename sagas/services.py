@@ -13,6 +13,7 @@ from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from sagas import canvas
 from sagas.definitions import SagaDefinition, registry
 from sagas.errors import InvalidSagaState, SagaNotFound
 from sagas.models import Saga, SagaLog
@@ -53,7 +54,7 @@ def saga_publish(*, saga_id, saga_type: str) -> bool:
     """Publish the action chain and mark the saga RUNNING. False if the broker refused."""
     definition = registry.get(saga_type)
     try:
-        definition.action_chain(str(saga_id)).apply_async()
+        canvas.action_chain(definition, str(saga_id)).apply_async()
     except Exception:
         logger.exception("saga %s: publishing failed; the reconciler will retry", saga_id)
         return False
@@ -177,7 +178,7 @@ def sagas_recover_stalled(*, limit: int = 200) -> dict[str, int]:
             continue
         if saga.status == Status.RUNNING:
             logger.warning("saga %s stalled at %s: publishing the rest again", saga.id, step.name)
-            definition.action_chain(str(saga.id), start=saga.steps_done).apply_async()
+            canvas.action_chain(definition, str(saga.id), start=saga.steps_done).apply_async()
             counts["resumed"] += 1
         else:
             logger.warning("saga %s stalled compensating: publishing the rest again", saga.id)
@@ -293,7 +294,7 @@ def saga_log_note(*, saga: Saga, text: str) -> SagaLog:
 
 
 def _publish_compensation(definition: SagaDefinition, saga_id, undo: int) -> None:
-    definition.compensation_chain(str(saga_id), undo).apply_async()
+    canvas.compensation_chain(definition, str(saga_id), undo).apply_async()
 
 
 def _last_attempt(saga: Saga, step: str, phase: str) -> SagaLog | None:

@@ -1,28 +1,39 @@
-"""Saga-level tasks: the errbacks, the end of compensation and the reconciler.
+"""The engine's Celery tasks: every saga type's step tasks, the errbacks, finishing, recovery.
+
+This is the only module of the engine that creates tasks. Step tasks are
+made from the registry by :func:`register_step_tasks`, which the sagas app
+calls once every app's ``saga_steps`` module is imported; declaring a saga
+type builds none.
 
 The errbacks are declared ``bind=True`` so Celery queues them as tasks of
 their own (visible in Flower and the result store) with the failed task's id
 as first argument, instead of running them inline in the failing process.
 """
 
+from __future__ import annotations
+
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 
 from sagas import services
+from sagas.canvas import COMPENSATION_FAILED, FINISH_COMPENSATION, STEP_FAILED
+from sagas.definitions import SagaDefinition, Step, registry
+from sagas.runtime import run_action, run_compensation
 
 
-@shared_task(bind=True, name="sagas.step_failed", acks_late=True)
+@shared_task(bind=True, name=STEP_FAILED, acks_late=True)
 def step_failed(self, failed_task_id: str = "", *, saga_id: str, **_ignored: Any) -> bool:
     return services.saga_begin_compensation(saga_id=saga_id, failed_task_id=failed_task_id)
 
 
-@shared_task(bind=True, name="sagas.compensation_failed", acks_late=True)
+@shared_task(bind=True, name=COMPENSATION_FAILED, acks_late=True)
 def compensation_failed(self, failed_task_id: str = "", *, saga_id: str, **_ignored: Any) -> bool:
     return services.saga_fail_compensation(saga_id=saga_id, failed_task_id=failed_task_id)
 
 
-@shared_task(name="sagas.finish_compensation", acks_late=True)
+@shared_task(name=FINISH_COMPENSATION, acks_late=True)
 def finish_compensation(*, saga_id: str, **_ignored: Any) -> bool:
     return services.saga_finish_compensation(saga_id=saga_id)
 
@@ -35,3 +46,55 @@ def reconcile_pending(**_ignored: Any) -> int:
 @shared_task(name="sagas.recover_stalled", acks_late=True)
 def recover_stalled(**_ignored: Any) -> dict[str, int]:
     return services.sagas_recover_stalled()
+
+
+# --- step tasks ------------------------------------------------------------------
+
+_registered: set[str] = set()
+
+
+def register_step_tasks() -> list[str]:
+    """Create the action and compensation tasks of every registered saga type.
+
+    Idempotent: a type registered earlier keeps its tasks. Returns the names
+    created by this call.
+    """
+    created = []
+    for definition in registry.all():
+        for index, step in enumerate(definition.steps):
+            name = definition.action_task_name(index)
+            if name not in _registered:
+                _step_task(name, definition, index, step, run_action)
+                created.append(name)
+            if step.compensation is None:
+                continue
+            name = definition.compensation_task_name(index)
+            if name not in _registered:
+                _step_task(name, definition, index, step, run_compensation)
+                created.append(name)
+    _registered.update(created)
+    return created
+
+
+def _step_task(name: str, definition: SagaDefinition, index: int, step: Step, run) -> None:
+    def step_task(task, *, saga_id: str, **_ignored: Any) -> dict[str, Any]:
+        return run(task, definition, index, saga_id)
+
+    step_task.__name__ = name.rsplit(".", 1)[1]
+    step_task.__qualname__ = name
+    step_task.__doc__ = (
+        f"Action of step {step.name!r} of saga {definition.name!r}."
+        if run is run_action
+        else f"{step.undo_name}: undoes {step.name!r} of saga {definition.name!r}."
+    )
+    shared_task(
+        name=name,
+        bind=True,
+        soft_time_limit=step.timeout_s,
+        time_limit=step.hard_limit_s,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        # SagaLog records every attempt; a stored result per step would write
+        # it twice. Failures are still stored (task_store_errors_even_if_ignored).
+        ignore_result=not getattr(settings, "SAGA_STORE_STEP_RESULTS", False),
+    )(step_task)

@@ -50,6 +50,7 @@ from bookings.chaos.workers import (
 from bookings.services import TRIP_BOOKING, LineRequest, PaymentRequest, booking_create
 from inventory import services as inventory_services
 from sagas import services as saga_services
+from sagas.canvas import action_signature
 from sagas.definitions import SagaDefinition, registry
 from sagas.models import Saga, SagaLog
 
@@ -310,7 +311,7 @@ class ChaosRun:
         while self.duplicates_ready:
             saga_id, index = self.duplicates_ready[0]
             try:
-                result = self.definition.action_signature(index, saga_id).apply_async()
+                result = action_signature(self.definition, index, saga_id).apply_async()
             except Exception:  # the broker is down: try again on a later tick
                 return
             self.duplicates_ready.pop(0)

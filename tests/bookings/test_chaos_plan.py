@@ -16,7 +16,7 @@ from bookings.models import Booking, BookingLine
 from bookings.saga_steps import trip_booking
 from inventory import services as inventory
 from payments.models import Charge, LedgerEntry, Refund
-from sagas.chaos import validate_plan
+from sagas.faults import validate_plan
 from sagas.models import Saga, SagaLog
 
 ACTIONS = trip_booking.action_names

@@ -37,13 +37,14 @@ def park_after(customer, items, steps: int) -> str:
     from unittest import mock
 
     from bookings.saga_steps import trip_booking
+    from sagas.canvas import action_signature
 
     with mock.patch("sagas.services.transaction.on_commit"):
         booking = book_trip(customer, items)
     saga_id = str(booking.saga_id)
     Saga.objects.filter(pk=saga_id).update(status=Saga.Status.RUNNING)
     for index in range(steps):
-        trip_booking.action_signature(index, saga_id).apply_async()
+        action_signature(trip_booking, index, saga_id).apply_async()
         wait_for(lambda i=index: Saga.objects.get(pk=saga_id).steps_done == i + 1)
     return saga_id
 

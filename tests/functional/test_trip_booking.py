@@ -11,6 +11,7 @@ from bookings.saga_steps import trip_booking
 from inventory import selectors as inventory_selectors
 from payments import selectors as payment_selectors
 from sagas import services as saga_services
+from sagas.canvas import action_chain, action_signature, compensation_signature
 from sagas.models import Saga, SagaLog
 from sagas.tasks import step_failed
 from tests.conftest import wait_for
@@ -150,12 +151,12 @@ def test_a_payment_whose_answer_is_lost_is_refunded_when_retries_run_out(custome
 def test_the_same_step_message_delivered_twice_has_one_effect(customer, trip_items):
     saga_id = park_after(customer, trip_items, steps=2)
 
-    trip_booking.action_signature(0, saga_id).apply_async()  # the flight step, again
+    action_signature(trip_booking, 0, saga_id).apply_async()  # the flight step, again
     wait_for(
         lambda: SagaLog.objects.filter(saga_id=saga_id, step="reserve_flight").count() == 2,
         message="the second delivery to be recorded",
     )
-    trip_booking.action_chain(saga_id, start=2).apply_async()
+    action_chain(trip_booking, saga_id, start=2).apply_async()
     saga = wait_terminal(saga_id)
 
     assert saga.status == Saga.Status.COMPLETED
@@ -172,7 +173,7 @@ def test_an_action_arriving_after_the_saga_finished_does_nothing(customer, trip_
     saga = wait_terminal(booking.saga_id)
     before = stock(trip_items)
 
-    trip_booking.action_signature(2, str(saga.id)).apply_async()
+    action_signature(trip_booking, 2, str(saga.id)).apply_async()
     wait_for(
         lambda: SagaLog.objects.filter(saga=saga, step="reserve_car", status="ignored").exists(),
         message="the late action to be recorded",
@@ -331,7 +332,7 @@ def test_a_step_message_that_overtakes_the_chain_is_ignored_not_failed(customer,
     saga_id = park_after(customer, trip_items, steps=1)
 
     # A copy of the car step arrives while the hotel step has not run yet.
-    trip_booking.action_signature(2, saga_id).apply_async()
+    action_signature(trip_booking, 2, saga_id).apply_async()
     wait_for(
         lambda: SagaLog.objects.filter(saga_id=saga_id, step="reserve_car").exists(),
         message="the early copy to be recorded",
@@ -341,7 +342,7 @@ def test_a_step_message_that_overtakes_the_chain_is_ignored_not_failed(customer,
     assert early.error == "not due yet: reserve_hotel comes first"
     assert Saga.objects.get(pk=saga_id).status == Saga.Status.RUNNING  # not failed
 
-    trip_booking.action_chain(saga_id, start=1).apply_async()
+    action_chain(trip_booking, saga_id, start=1).apply_async()
     saga = wait_terminal(saga_id)
 
     assert saga.status == Saga.Status.COMPLETED
@@ -360,7 +361,7 @@ def test_a_compensation_message_that_arrives_early_waits_for_its_turn(customer, 
         lambda: Saga.objects.get(pk=saga_id).status != Saga.Status.RUNNING,
         message="compensation to begin",
     )
-    trip_booking.compensation_signature(0, saga_id).apply_async()
+    compensation_signature(trip_booking, 0, saga_id).apply_async()
 
     saga = wait_terminal(saga_id)
 

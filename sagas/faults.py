@@ -1,4 +1,7 @@
-"""Fault injection read from a saga's own context (``context["chaos"]``).
+"""Faults injected into one saga, read from its own context (``context["chaos"]``).
+
+The step wrapper calls ``before_action`` / ``before_compensation`` before each
+step body; the chaos harness (``sagas.chaos``) and the API write the plans.
 
 The plan is written when the saga starts, by code that was allowed to (the
 API checks SAGA_CHAOS_ENABLED or staff; the chaos command owns its sagas), so

@@ -1,6 +1,6 @@
 import pytest
 
-from sagas.chaos import validate_plan
+from sagas.faults import validate_plan
 
 ACTIONS = ["reserve_car", "charge_payment"]
 UNDO = ["release_car"]

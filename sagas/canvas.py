@@ -1,0 +1,67 @@
+"""The chain builder: a saga's steps as Celery signatures, named, never imported.
+
+Signatures name their tasks (``trip_booking.reserve_hotel``,
+``sagas.step_failed``) instead of holding task objects, so building a chain
+needs no task to exist in this process: the worker that runs it has them
+(``sagas.tasks`` registers them there). Every signature is immutable and
+carries the saga id explicitly; nothing relies on ``root_id``, headers or
+stamping, which chains do not carry reliably.
+
+Every action carries ``link_error`` to ``sagas.step_failed`` and every
+compensation to ``sagas.compensation_failed``, both bound tasks, so Celery
+queues them as tasks of their own after the last retry.
+"""
+
+from __future__ import annotations
+
+from celery import chain, signature
+from celery.canvas import Signature
+
+from sagas.definitions import SAGA_QUEUE, SagaDefinition
+
+STEP_FAILED = "sagas.step_failed"
+COMPENSATION_FAILED = "sagas.compensation_failed"
+FINISH_COMPENSATION = "sagas.finish_compensation"
+
+
+def saga_task(name: str, saga_id: str) -> Signature:
+    """A saga-level task (errback, finish) for one saga, on the saga queue."""
+    return signature(name, kwargs={"saga_id": saga_id}, queue=SAGA_QUEUE)
+
+
+def action_signature(definition: SagaDefinition, index: int, saga_id: str) -> Signature:
+    """Step ``index``'s action for one saga, with its errback."""
+    return signature(
+        definition.action_task_name(index),
+        kwargs={"saga_id": saga_id},
+        immutable=True,
+        queue=definition.steps[index].queue,
+    ).on_error(saga_task(STEP_FAILED, saga_id))
+
+
+def compensation_signature(definition: SagaDefinition, index: int, saga_id: str) -> Signature:
+    """Step ``index``'s compensation for one saga, with its errback."""
+    return signature(
+        definition.compensation_task_name(index),
+        kwargs={"saga_id": saga_id},
+        immutable=True,
+        queue=definition.steps[index].queue,
+    ).on_error(saga_task(COMPENSATION_FAILED, saga_id))
+
+
+def action_chain(definition: SagaDefinition, saga_id: str, start: int = 0) -> Signature:
+    """The actions from ``start`` on: 0 to run a saga, ``steps_done`` to resume one."""
+    return chain(
+        *(action_signature(definition, i, saga_id) for i in range(start, len(definition.steps)))
+    )
+
+
+def compensation_chain(definition: SagaDefinition, saga_id: str, undo_count: int) -> Signature:
+    """Compensations of steps ``undo_count - 1`` down to 0, newest first, then the finish."""
+    signatures = [
+        compensation_signature(definition, i, saga_id)
+        for i in reversed(range(undo_count))
+        if definition.steps[i].compensation is not None
+    ]
+    signatures.append(saga_task(FINISH_COMPENSATION, saga_id).set(immutable=True))
+    return chain(*signatures)

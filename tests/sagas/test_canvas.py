@@ -1,0 +1,38 @@
+"""The chain builder: signatures by task name, saga id explicit, errbacks on every step."""
+
+from sagas.canvas import action_chain, compensation_chain
+from sagas.definitions import registry
+
+
+def test_compensations_are_queued_newest_first_then_the_finish():
+    trip = registry.get("trip_booking")
+
+    undo = compensation_chain(trip, "00000000-0000-0000-0000-000000000001", 4)
+    assert [sig.task for sig in undo.tasks] == [
+        "trip_booking.refund_payment",
+        "trip_booking.release_car",
+        "trip_booking.release_hotel",
+        "trip_booking.release_flight",
+        "sagas.finish_compensation",
+    ]
+
+
+def test_every_step_signature_is_immutable_carries_the_saga_id_and_an_errback():
+    trip = registry.get("trip_booking")
+    saga_id = "00000000-0000-0000-0000-000000000002"
+
+    signatures = action_chain(trip, saga_id).tasks
+
+    assert [sig.options["queue"] for sig in signatures] == [
+        "inventory",
+        "inventory",
+        "inventory",
+        "payments",
+        "bookings",
+    ]
+    for sig in signatures:
+        assert sig.immutable
+        assert sig.kwargs == {"saga_id": saga_id}
+        [errback] = sig.options["link_error"]
+        assert errback["task"] == "sagas.step_failed"
+        assert errback["kwargs"] == {"saga_id": saga_id}
