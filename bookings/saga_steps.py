@@ -145,6 +145,8 @@ trip_booking = SagaDefinition(
     ],
     on_compensated=reject_booking,
     on_failed=flag_booking,
+    # Loaded by `manage.py chaos` and `manage.py bench` only.
+    harness="bookings.harness.TripHarness",
 )
 
 

@@ -240,3 +240,13 @@ def _validate_chaos(saga_type: str, chaos: dict[str, Any]) -> None:
 def booking_move(*, booking_id, source: str, target: str) -> bool:
     """Conditional status change; False if the booking was not in ``source``."""
     return bool(Booking.objects.filter(pk=booking_id, status=source).update(status=target))
+
+
+@transaction.atomic
+def bookings_purge(*, booking_ids: list) -> int:
+    """Delete bookings with their lines and idempotency keys (harness runs clean up with it).
+
+    Their charges and holds belong to payments and inventory, which purge their own.
+    """
+    _count, by_model = Booking.objects.filter(pk__in=booking_ids).delete()
+    return by_model.get(Booking._meta.label, 0)

@@ -220,3 +220,14 @@ def _hold_move(*, hold: Hold, source: str, target: str, **signs: int) -> bool:
 def _too_many_races(*, reference: str, action: str) -> InvalidHoldState:
     status = Hold.objects.filter(reference=reference).values_list("status", flat=True).first()
     return InvalidHoldState(reference, f"{status} (changing concurrently)", action)
+
+
+@transaction.atomic
+def items_purge(*, skus: list[str]) -> dict[str, int]:
+    """Delete items and every hold on them: for test and harness runs that made their own stock.
+
+    Never for stock customers booked: their holds and history go with it.
+    """
+    holds, _ = Hold.objects.filter(item__sku__in=skus).delete()
+    items, _ = Item.objects.filter(sku__in=skus).delete()
+    return {"holds": holds, "items": items}

@@ -143,3 +143,17 @@ def _check_money(*, amount: Decimal, currency: str) -> None:
         raise InvalidAmount(amount, "it has more than two decimal places")
     if currency not in settings.PAYMENTS_CURRENCIES:
         raise UnsupportedCurrency(currency, settings.PAYMENTS_CURRENCIES)
+
+
+@transaction.atomic
+def charges_purge(*, references: list[str]) -> dict[str, int]:
+    """Delete the charges of these references with their refunds and ledger entries.
+
+    For harness runs that charged the fake gateway's test card; the ledger is
+    otherwise append-only. The gateway keeps its own records.
+    """
+    charges = Charge.objects.filter(reference__in=references)
+    entries, _ = LedgerEntry.objects.filter(charge__in=charges).delete()
+    refunds, _ = Refund.objects.filter(charge__in=charges).delete()
+    deleted, _ = charges.delete()
+    return {"ledger_entries": entries, "refunds": refunds, "charges": deleted}

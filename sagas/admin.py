@@ -29,6 +29,7 @@ from django.urls import NoReverseMatch, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.views.decorators.http import require_POST
+from django_celery_results.models import TaskResult
 
 from sagas import services
 from sagas.admin_support import (
@@ -269,7 +270,6 @@ def with_task_results(queryset):
     """Annotate each log row with its TaskResult's pk, in the same single query."""
     if not apps.is_installed("django_celery_results"):
         return queryset
-    from django_celery_results.models import TaskResult
 
     return queryset.annotate(
         task_result_pk=Subquery(

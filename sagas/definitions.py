@@ -1,9 +1,8 @@
 """Declaring saga types: ordered steps with their retry policies and timeouts.
 
 A saga type is declared once, in an app's ``saga_steps`` module (the sagas
-app imports every one of them when Django starts)::
-
-    from sagas.definitions import RetryPolicy, SagaDefinition, Step
+app imports every one of them when Django starts), with ``RetryPolicy``,
+``SagaDefinition`` and ``Step`` from this module::
 
     trip = SagaDefinition(
         "trip_booking",
@@ -30,16 +29,14 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import OperationalError
 
 from sagas.errors import TransientError, UnknownSagaType
-
-if TYPE_CHECKING:
-    from sagas.models import Saga
+from sagas.models import Saga
 
 # Saga-level tasks (errbacks, finishing, reconciling) run here; steps name their own.
 SAGA_QUEUE = "sagas"

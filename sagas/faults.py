@@ -19,12 +19,10 @@ a worker needs no global switch and every fault is tied to one saga:
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sagas.errors import ChaosFailure, ChaosTransientError
-
-if TYPE_CHECKING:
-    from sagas.models import Saga
+from sagas.models import Saga
 
 PLAN_KEYS = frozenset(
     {"fail", "transient", "compensation_fail", "compensation_transient", "delay_ms"}

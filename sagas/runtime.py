@@ -20,8 +20,9 @@ import logging
 import traceback
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from celery import Task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 from django.db import transaction
 from django.db.models import F
@@ -29,13 +30,9 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from sagas import faults
+from sagas.definitions import RetryPolicy, SagaDefinition, Step
 from sagas.errors import EffectUncertain
 from sagas.models import Saga, SagaLog
-
-if TYPE_CHECKING:
-    from celery import Task
-
-    from sagas.definitions import RetryPolicy, SagaDefinition, Step
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,11 @@ task options and the same result backend, each step in one transaction as the
 saga's wrapper runs it. What is left out is exactly the saga's bookkeeping: no
 Saga row, no SagaLog, no barrier, no status updates and no errback. The bench
 runs both and divides their throughputs. A third chain of five no-op tasks
-measures what Celery, the broker and the result backend cost on their own.
+(``sagas.bench.tasks``) measures what Celery, the broker and the result
+backend cost on their own.
+
+Only the bench's workers import this module (``TripHarness.worker_includes``);
+production workers never register these tasks.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ STEPS = [
 
 
 def _options(name: str, timeout_s: int) -> dict[str, Any]:
-    # The options sagas.definitions gives every step task; the queue is set on
+    # The options sagas.tasks gives every step task; the queue is set on
     # each signature, as the saga's chain does.
     return {
         "name": f"{PREFIX}.{name}",
@@ -120,27 +124,15 @@ TASKS = {
 }
 
 
+TASK_NAMES = [f"{PREFIX}.{name}" for name, _queue, _timeout in STEPS]
+
+
 def bare_chain(*, booking_id: str, card_token: str, last_task_id: str):
     """The five tasks as ``chain(task.si(...), ...)``; the last one gets ``last_task_id``."""
     signatures = [
         TASKS[name].si(booking_id=booking_id, card_token=card_token).set(queue=queue)
         for name, queue, _ in STEPS
     ]
-    signatures[-1] = signatures[-1].set(task_id=last_task_id, ignore_result=False)
-    return chain(*signatures)
-
-
-def noop_run(**_ignored: Any) -> dict[str, Any]:
-    return {"done_at": time.time()}
-
-
-# Celery's own floor: five tasks on the same queues that touch no table
-# (the result backend stores only the last one's result, as for the bare chain).
-noop = shared_task(**_options("noop", 10))(noop_run)
-
-
-def noop_chain(*, last_task_id: str):
-    signatures = [noop.si(step=name).set(queue=queue) for name, queue, _ in STEPS]
     signatures[-1] = signatures[-1].set(task_id=last_task_id, ignore_result=False)
     return chain(*signatures)
 

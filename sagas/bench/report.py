@@ -11,6 +11,7 @@ from typing import Any
 
 import celery
 import django
+import redis
 from django.db import connection
 
 from sagas.selectors import percentile
@@ -18,7 +19,7 @@ from sagas.selectors import percentile
 # Issue 5's targets on a 2-core machine with web, worker, Redis and PostgreSQL on it.
 TARGETS: list[tuple[str, str, float, str]] = [
     # path into the report, comparison, bound, what it is
-    ("sagas_per_s", ">=", 40, "trip sagas per second (burst)"),
+    ("sagas_per_s", ">=", 40, "sagas per second (burst)"),
     ("overhead_ratio", ">=", 0.75, "saga throughput / bare chain throughput"),
     ("lone_latency_ms.p50", "<", 60, "lone saga latency p50, ms"),
     ("lone_latency_ms.p99", "<", 150, "lone saga latency p99, ms"),
@@ -126,8 +127,6 @@ def database_version() -> str:
 
 
 def redis_version(url: str) -> str:
-    import redis
-
     try:
         return "Redis " + str(redis.Redis.from_url(url).info("server")["redis_version"])
     except Exception as exc:  # the report says what went wrong instead
@@ -159,6 +158,10 @@ def machine(broker_url: str) -> dict[str, Any]:
 # --- the table ----------------------------------------------------------------------
 
 
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _ms(stats: dict[str, Any] | None, *keys: str) -> str:
     if not stats:
         return "-"
@@ -169,17 +172,19 @@ def table(report: dict[str, Any]) -> str:
     """The run as text: one line per figure, then the targets."""
     m = report["machine"]
     sql = report["sql_per_step"]
+    steps = report.get("steps", 5)
     lines = [
+        f"saga type: {report.get('saga_type', '-')}",
         f"machine: {m['cores']} cores, {m['memory_mb']} MB, {m['cpu']}; Python {m['python']}, "
         f"{m['database']}, {m['redis']}; load {m['load_average_at_start']} -> "
         f"{m.get('load_average_at_end')}",
         "",
         f"{'figure':<44}{'value':>26}",
         f"{'sagas/s (burst)':<44}{report['sagas_per_s']:>26.1f}",
-        f"{'bare chains/s (burst)':<44}{report['bare_chains_per_s']:>26.1f}",
+        f"{'bare chains/s (burst)':<44}{_num(report['bare_chains_per_s'], '.1f'):>26}",
         f"{'  each burst, sagas | bare chains':<44}{_bursts(report.get('bursts_per_s')):>26}",
-        f"{'no-op 5-task chains/s (Celery floor)':<44}{report['noop_chains_per_s']:>26.1f}",
-        f"{'overhead ratio saga/bare':<44}{report['overhead_ratio']:>26.3f}",
+        f"{f'no-op {steps}-task chains/s (Celery floor)':<44}{report['noop_chains_per_s']:>26.1f}",
+        f"{'overhead ratio saga/bare':<44}{_num(report['overhead_ratio'], '.3f'):>26}",
         f"{'burst latency p50/p95/p99 ms':<44}{_ms(report['latency_ms'], 'p50', 'p95', 'p99'):>26}",
         f"{'bare burst latency p50/p95/p99 ms':<44}"
         f"{_ms(report['bare_latency_ms'], 'p50', 'p95', 'p99'):>26}",
@@ -200,7 +205,7 @@ def table(report: dict[str, Any]) -> str:
         f"{'SQL per compensation: total/bookkeeping/dom.':<44}{_sql(sql['compensation']):>26}",
         f"{'SQL per bare step: total/bookkeeping/domain':<44}{_sql(sql['bare_action']):>26}",
         f"{'result backend statements per task':<44}{sql['result_backend_per_task']:>26}",
-        f"{'step bodies in-process ms/trip saga/bare':<44}"
+        f"{'step bodies in-process ms/saga: saga/bare':<44}"
         f"{_steps(report.get('in_process_step_ms')):>26}",
         f"{'worker RSS MB (main + children)':<44}{report['worker_rss_mb']:>26.1f}",
         "",
@@ -224,14 +229,17 @@ def _rate(stats: dict[str, Any] | None) -> str:
     return f"{stats['arrival_per_s']:.1f} ({'-' if lag is None else f'{lag:.1f}'})"
 
 
-def _sql(stats: dict[str, Any]) -> str:
+def _sql(stats: dict[str, Any] | None) -> str:
+    if not stats:
+        return "-"
     return f"{stats['total']:g} / {stats['bookkeeping']:g} / {stats['domain']:g}"
 
 
 def _steps(timing: dict[str, Any] | None) -> str:
     if not timing:
         return "-"
-    return f"{timing['saga']['per_trip']:.1f} / {timing['bare']['per_trip']:.1f}"
+    bare = timing.get("bare")
+    return f"{timing['saga']['per_saga']:.1f} / {bare['per_saga'] if bare else '-'}"
 
 
 def _bursts(rates: dict[str, list[float]] | None) -> str:
@@ -240,5 +248,5 @@ def _bursts(rates: dict[str, list[float]] | None) -> str:
     return (
         " ".join(f"{r:.1f}" for r in rates["sagas"])
         + " | "
-        + " ".join(f"{r:.1f}" for r in rates["bare_chains"])
+        + (" ".join(f"{r:.1f}" for r in rates["bare_chains"]) or "-")
     )

@@ -1,17 +1,21 @@
-"""One bench run: SQL counts, then sagas and bare chains against workers it starts itself."""
+"""One bench run: SQL counts, then sagas and bare chains against workers it starts itself.
+
+The saga type's plug-in starts the sagas and, if it has one, the bare-chain
+baseline; everything the run created is deleted at the end unless ``--keep``.
+"""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from django.utils import timezone
 
-from bookings.bench import report as reporting
-from bookings.bench.fixture import StockExhausted, bench_fixture
-from bookings.bench.sqlcount import count_sql, counting, time_steps
-from bookings.bench.throughput import (
+from sagas.bench import report as reporting
+from sagas.bench.sqlcount import count_sql, counting, time_steps
+from sagas.bench.throughput import (
     Bursts,
     Run,
     bare_job,
@@ -25,7 +29,7 @@ from bookings.bench.throughput import (
     wait_bare,
     wait_sagas,
 )
-from bookings.bench.workers import (
+from sagas.bench.workers import (
     BenchError,
     WorkerPool,
     broker_url,
@@ -33,8 +37,16 @@ from bookings.bench.workers import (
     purge_queues,
     queued_messages,
 )
-from bookings.services import TRIP_BOOKING
-from sagas.definitions import registry
+from sagas.definitions import SagaDefinition
+from sagas.errors import UnknownSagaType
+from sagas.harness.plugin import (
+    HarnessError,
+    SagaHarness,
+    delete_sagas,
+    delete_task_results,
+    harness_for,
+)
+from sagas.harness.processes import describe_backends, queues_of
 from sagas.models import Saga
 
 Echo = Callable[[str], None]
@@ -43,6 +55,7 @@ STEP_TIMING_TRIPS = 20
 
 @dataclass(frozen=True)
 class BenchConfig:
+    saga_type: str = "trip_booking"
     sagas: int = 500
     submitters: int = 4
     lone: int = 50
@@ -55,6 +68,7 @@ class BenchConfig:
     timeout: float = 300.0
     purge: bool = False
     allow_foreign_workers: bool = False
+    keep: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -107,9 +121,9 @@ class BenchConfig:
         return per_kind + self.failure_count + 1 + in_process
 
 
-def _failing_saga_tasks() -> tuple[int, int]:
-    """Tasks of a trip that succeeds, and of one that fails at its last step."""
-    steps = registry.get(TRIP_BOOKING).steps
+def _failing_saga_tasks(definition: SagaDefinition) -> tuple[int, int]:
+    """Tasks of a saga that succeeds, and of one that fails at its last step."""
+    steps = definition.steps
     undo = sum(1 for step in steps[:-1] if step.compensation is not None)
     return len(steps), len(steps) + 1 + undo + 1  # actions, errback, compensations, finish
 
@@ -119,27 +133,67 @@ def _latency(run, **extra: Any) -> dict[str, Any]:
 
 
 def run_bench(config: BenchConfig, echo: Echo) -> dict[str, Any]:
-    broker = broker_url()
-    report: dict[str, Any] = {"machine": reporting.machine(broker), "config": asdict(config)}
+    run_id = uuid.uuid4().hex[:8]
     try:
-        fixture = bench_fixture(trips=config.trips_needed)
-    except StockExhausted as exc:
-        raise BenchError(str(exc)) from None
+        harness = harness_for(config.saga_type, purpose="bench", run_id=run_id)
+    except (UnknownSagaType, HarnessError) as exc:
+        raise ValueError(f"--saga-type: {exc}") from None
+    broker = broker_url()
+    echo(
+        f"bench run {run_id}: {config.saga_type} sagas; "
+        f"using {describe_backends(broker_url=broker)}"
+    )
+    started = timezone.now()
+    bare_ids: list[str] = []
+    try:
+        return _run(config, harness, broker, echo, bare_ids)
+    finally:
+        if config.keep:
+            echo(f"kept what run {run_id} created (--keep)")
+        else:
+            _cleanup(harness, bare_ids, started, echo)
+
+
+def _cleanup(harness: SagaHarness, bare_ids: list[str], since, echo: Echo) -> None:
+    counts = harness.cleanup()
+    counts["task_results"] = delete_task_results(
+        task_ids=bare_ids, saga_ids=harness.saga_ids, since=since
+    )
+    counts["sagas"] = delete_sagas(harness.saga_ids)
+    done = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) or "nothing"
+    echo(f"cleaned up: {done} (pass --keep to keep them)")
+
+
+def _run(
+    config: BenchConfig, harness: SagaHarness, broker: str, echo: Echo, bare_ids: list[str]
+) -> dict[str, Any]:
+    definition = harness.definition
+    has_bare = harness.has_bare_chain
+    report: dict[str, Any] = {
+        "saga_type": definition.name,
+        "steps": len(definition.steps),
+        "machine": reporting.machine(broker),
+        "config": asdict(config),
+    }
+    harness.prepare(sagas=config.trips_needed)
 
     echo("counting SQL statements per step (in this process, through the step wrapper)")
-    sql = count_sql(fixture)
-    echo(f"timing the step bodies in this process ({config.timed_trips} trips each way)")
-    in_process = time_steps(fixture, trips=config.timed_trips, offset=3)
+    sql = count_sql(harness)
+    echo(f"timing the step bodies in this process ({config.timed_trips} sagas each way)")
+    in_process = time_steps(harness, sagas=config.timed_trips, offset=3)
 
-    waiting = queued_messages()
+    queues = queues_of(definition)
+    waiting = queued_messages(queues)
     if waiting and not config.purge:
         raise BenchError(
             f"the broker's queues hold messages from elsewhere ({waiting}); they would run "
             "during the bench: pass --purge to drop them, or use another REDIS_URL"
         )
     if config.purge:
-        purge_queues()
-    pool = WorkerPool(concurrency=config.concurrency)
+        purge_queues(queues)
+    pool = WorkerPool(
+        concurrency=config.concurrency, queues=queues, includes=harness.worker_includes
+    )
     others = foreign_workers(pool.nodename)
     if others and not config.allow_foreign_workers:
         raise BenchError(
@@ -147,7 +201,7 @@ def run_bench(config: BenchConfig, echo: Echo) -> dict[str, Any]:
             "bench's tasks: stop them, use another REDIS_URL, or pass --allow-foreign-workers"
         )
 
-    offset = 3 + 2 * config.timed_trips  # trips booked in this process so far
+    offset = 3 + 2 * config.timed_trips  # sagas started in this process so far
     timeout = config.timeout
 
     def next_offset(count: int) -> int:
@@ -155,43 +209,57 @@ def run_bench(config: BenchConfig, echo: Echo) -> dict[str, Any]:
         offset += count
         return offset - count
 
+    def bare(run: Run) -> Run:
+        bare_ids.extend(s.key for s in run.submitted)
+        return run
+
     started = timezone.now()
     echo(f"starting the worker: {config.concurrency} prefork processes, log {pool.logfile}")
     try:
         pool.start()
-        # One booking each way, counting what submitting costs (the publish included).
+        # One of each, counting what submitting costs (the publish included).
         with counting() as submit_saga:
-            first_saga = saga_job(fixture, offset=next_offset(1))(0)
-        with counting() as submit_bare:
-            first_chain = bare_job(fixture, offset=next_offset(1))(0)
+            first_saga = saga_job(harness, offset=next_offset(1))(0)
         wait_sagas([first_saga.key], timeout=timeout, expect=Saga.Status.COMPLETED)
-        wait_bare([first_chain], timeout=timeout, since=started)
+        submit_bare = None
+        if has_bare:
+            with counting() as submit_bare:
+                first_chain = bare_job(harness, offset=next_offset(1))(0)
+            bare_ids.append(first_chain.key)
+            wait_bare([first_chain], timeout=timeout, since=started)
         if config.warmup:
-            echo(f"warming up: {config.warmup} sagas and {config.warmup} bare chains")
+            echo(f"warming up: {config.warmup} sagas" + (" and bare chains" if has_bare else ""))
             saga_run(
-                saga_job(fixture, offset=next_offset(config.warmup)),
+                saga_job(harness, offset=next_offset(config.warmup)),
                 config.warmup,
                 submitters=config.submitters,
                 timeout=timeout,
             )
-            bare_run(
-                bare_job(fixture, offset=next_offset(config.warmup)),
-                config.warmup,
-                submitters=config.submitters,
-                timeout=timeout,
-            )
+            if has_bare:
+                bare(
+                    bare_run(
+                        bare_job(harness, offset=next_offset(config.warmup)),
+                        config.warmup,
+                        submitters=config.submitters,
+                        timeout=timeout,
+                    )
+                )
 
         # Saga and bare bursts alternate (saga, bare, bare, saga, ...) so that a
         # load that drifts during the run weighs on both alike.
         saga_bursts: list[Run] = []
         bare_bursts: list[Run] = []
+        kinds = ("saga", "bare") if has_bare else ("saga",)
         for number, size in enumerate(config.round_sizes):
-            order = ("saga", "bare") if number % 2 == 0 else ("bare", "saga")
+            order = kinds if number % 2 == 0 else tuple(reversed(kinds))
             for kind in order:
                 if kind == "saga":
-                    echo(f"burst: {size} trip sagas from {config.submitters} submitter threads")
+                    echo(
+                        f"burst: {size} {definition.name} sagas "
+                        f"from {config.submitters} submitter threads"
+                    )
                     run = saga_run(
-                        saga_job(fixture, offset=next_offset(size)),
+                        saga_job(harness, offset=next_offset(size)),
                         size,
                         submitters=config.submitters,
                         timeout=timeout,
@@ -200,18 +268,24 @@ def run_bench(config: BenchConfig, echo: Echo) -> dict[str, Any]:
                     echo(f"  {run.per_s:.1f} sagas/s")
                 else:
                     echo(f"burst: {size} bare chains")
-                    run = bare_run(
-                        bare_job(fixture, offset=next_offset(size)),
-                        size,
-                        submitters=config.submitters,
-                        timeout=timeout,
+                    run = bare(
+                        bare_run(
+                            bare_job(harness, offset=next_offset(size)),
+                            size,
+                            submitters=config.submitters,
+                            timeout=timeout,
+                        )
                     )
                     bare_bursts.append(run)
                     echo(f"  {run.per_s:.1f} bare chains/s")
-        burst, bare_burst = Bursts(saga_bursts), Bursts(bare_bursts)
-        echo(f"burst: {config.sagas} chains of five no-op tasks (Celery's own floor)")
-        noop_burst = bare_run(
-            noop_job(), config.sagas, submitters=config.submitters, timeout=timeout
+        burst = Bursts(saga_bursts)
+        bare_burst = Bursts(bare_bursts) if bare_bursts else None
+        steps = len(definition.steps)
+        echo(f"burst: {config.sagas} chains of {steps} no-op tasks (Celery's own floor)")
+        noop_burst = bare(
+            bare_run(
+                noop_job(definition), config.sagas, submitters=config.submitters, timeout=timeout
+            )
         )
         echo(f"  {noop_burst.per_s:.1f} no-op chains/s")
 
@@ -220,23 +294,23 @@ def run_bench(config: BenchConfig, echo: Echo) -> dict[str, Any]:
         if config.half_load_count:
             echo(f"open loop: {config.half_load_count} sagas at {half_rate:.1f}/s")
             half = saga_run(
-                saga_job(fixture, offset=next_offset(config.half_load_count)),
+                saga_job(harness, offset=next_offset(config.half_load_count)),
                 config.half_load_count,
                 submitters=config.submitters,
                 timeout=timeout,
                 rate=half_rate,
             )
 
-        ok_tasks, failing_tasks = _failing_saga_tasks()
+        ok_tasks, failing_tasks = _failing_saga_tasks(definition)
         failure_rate = half_rate * ok_tasks / failing_tasks
-        last_step = registry.get(TRIP_BOOKING).steps[-1].name
+        last_step = definition.steps[-1].name
         echo(
             f"open loop: {config.failure_count} sagas failing at {last_step} "
             f"at {failure_rate:.1f}/s (half the capacity in tasks: {failing_tasks} per saga)"
         )
         failing = saga_run(
             saga_job(
-                fixture, offset=next_offset(config.failure_count), chaos={"fail": [last_step]}
+                harness, offset=next_offset(config.failure_count), chaos={"fail": [last_step]}
             ),
             config.failure_count,
             submitters=config.submitters,
@@ -250,12 +324,18 @@ def run_bench(config: BenchConfig, echo: Echo) -> dict[str, Any]:
 
         echo(f"lone: {config.lone} sagas one at a time, then bare and no-op chains")
         lone = lone_sagas(
-            saga_job(fixture, offset=next_offset(config.lone)), config.lone, timeout=timeout
+            saga_job(harness, offset=next_offset(config.lone)), config.lone, timeout=timeout
         )
-        lone_chains = lone_bare(
-            bare_job(fixture, offset=next_offset(config.lone)), config.lone, timeout=timeout
+        lone_chains = (
+            bare(
+                lone_bare(
+                    bare_job(harness, offset=next_offset(config.lone)), config.lone, timeout=timeout
+                )
+            )
+            if has_bare
+            else None
         )
-        lone_noop = lone_bare(noop_job(), config.lone, timeout=timeout)
+        lone_noop = bare(lone_bare(noop_job(definition), config.lone, timeout=timeout))
         rss = pool.rss()
     except BenchError as exc:
         raise BenchError(f"{exc}\n--- worker log (tail) ---\n{pool.log_tail()}") from None
@@ -264,15 +344,21 @@ def run_bench(config: BenchConfig, echo: Echo) -> dict[str, Any]:
         pool.discard_log()  # a failure's message above carries its tail
 
     sql["saga_level"]["submit"] = submit_saga.summary()
-    sql["saga_level"]["submit_bare"] = submit_bare.summary()
+    sql["saga_level"]["submit_bare"] = submit_bare.summary() if submit_bare else None
     report.update(
         {
             "sagas_per_s": round(burst.per_s, 2),
-            "bare_chains_per_s": round(bare_burst.per_s, 2),
-            "bursts_per_s": {"sagas": burst.rates, "bare_chains": bare_burst.rates},
-            "overhead_ratio": round(burst.per_s / bare_burst.per_s, 3),
+            "bare_chains_per_s": round(bare_burst.per_s, 2) if bare_burst else None,
+            "bursts_per_s": {
+                "sagas": burst.rates,
+                "bare_chains": bare_burst.rates if bare_burst else [],
+            },
+            "overhead_ratio": round(burst.per_s / bare_burst.per_s, 3) if bare_burst else None,
+            "noop_ratio": round(burst.per_s / noop_burst.per_s, 3),
             "latency_ms": _latency(burst, measured="created_at -> finished_at, burst"),
-            "bare_latency_ms": _latency(bare_burst, measured="booking created_at -> last commit"),
+            "bare_latency_ms": (
+                _latency(bare_burst, measured="rows created -> last commit") if bare_burst else None
+            ),
             "half_load_latency_ms": (
                 _latency(
                     half,
@@ -283,7 +369,7 @@ def run_bench(config: BenchConfig, echo: Echo) -> dict[str, Any]:
                 else {**reporting.summary([]), "arrival_per_s": None}
             ),
             "lone_latency_ms": _latency(lone),
-            "bare_lone_latency_ms": _latency(lone_chains),
+            "bare_lone_latency_ms": _latency(lone_chains) if lone_chains else None,
             "noop_chains_per_s": round(noop_burst.per_s, 2),
             "noop_lone_latency_ms": _latency(lone_noop),
             "compensation_latency_ms": {

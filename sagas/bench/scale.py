@@ -1,6 +1,7 @@
 """A million sagas: seeding them in bulk, and timing the pages that must stay fast.
 
-``seed_sagas`` writes sagas with a realistic mix (85% trip bookings, 15%
+``seed_sagas`` writes sagas with a realistic mix (of saga types as the
+plug-in's ``seed_mix`` says, for trips 85% trip bookings and 15%
 cancellations; 80% COMPLETED, 13% COMPENSATED, 5% FAILED, the rest in
 flight), ``created_at`` spread over the last ``days`` days (those in flight
 within the last two minutes), long-tailed durations, and exactly
@@ -36,10 +37,11 @@ from django.db import connection, transaction
 from django.test import Client
 from django.utils import timezone
 
-from bookings.bench import report as reporting
-from bookings.bench.workers import BenchError
-from bookings.services import BOOKING_CANCELLATION, TRIP_BOOKING
-from sagas.definitions import registry
+from sagas.bench import report as reporting
+from sagas.bench.workers import BenchError, broker_url
+from sagas.definitions import SagaDefinition, registry
+from sagas.errors import UnknownSagaType
+from sagas.harness.plugin import HarnessError, harness_for
 from sagas.models import Saga, SagaLog
 
 Echo = Callable[[str], None]
@@ -55,17 +57,32 @@ STATUS_MIX = [  # cumulative share, status
     (0.995, Saga.Status.COMPENSATING),
     (1.0, Saga.Status.PENDING),
 ]
-TRIP_SHARE = 0.85
 IN_FLIGHT_WINDOW_S = 120
 
 
-def _names(saga_type: str) -> tuple[list[str], list[str]]:
+def _names(definition: SagaDefinition) -> tuple[list[str], list[str]]:
+    """Action names, and per step its compensation's name (the action's if it has none)."""
+    return definition.action_names, [s.undo_name or s.name for s in definition.steps]
+
+
+def seed_mix(saga_type: str) -> dict[str, float]:
+    """The saga types ``seed_sagas --saga-type`` writes, with their shares (summing to 1)."""
     definition = registry.get(saga_type)
-    return definition.action_names, definition.compensation_names
+    mix = {saga_type: 1.0}
+    if definition.harness:
+        try:
+            mix = harness_for(saga_type, purpose="seed", run_id="seed").seed_mix or mix
+        except HarnessError as exc:
+            raise ValueError(f"--saga-type: {exc}") from None
+    for name in mix:
+        registry.get(name)
+    total = sum(mix.values())
+    return {name: share / total for name, share in mix.items()}
 
 
 @dataclass(frozen=True)
 class SeedConfig:
+    saga_type: str = "trip_booking"
     sagas: int = 1_000_000
     logs_per_saga: int = 5
     days: int = 30
@@ -80,6 +97,10 @@ class SeedConfig:
             raise ValueError("--days must be at least 1")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
+        try:
+            registry.get(self.saga_type)
+        except UnknownSagaType as exc:
+            raise ValueError(f"--saga-type: {exc}") from None
 
 
 def seed_owner():
@@ -94,13 +115,19 @@ def seed_sagas(config: SeedConfig, echo: Echo) -> dict[str, Any]:
     owner = seed_owner()
     started = time.monotonic()
     insert = _insert_postgresql if connection.vendor == "postgresql" else _insert_python
+    mix = list(seed_mix(config.saga_type).items())
     done = 0
-    while done < config.sagas:
-        n = min(config.batch_size, config.sagas - done)
-        with transaction.atomic():
-            insert(n, config, owner.pk)
-        done += n
-        echo(f"  {done:,} sagas, {done * config.logs_per_saga:,} log rows")
+    for number, (saga_type, share) in enumerate(mix):
+        # The last type takes what rounding left, so the total is exact.
+        wanted = config.sagas - done if number == len(mix) - 1 else round(config.sagas * share)
+        definition = registry.get(saga_type)
+        while wanted > 0:
+            n = min(config.batch_size, wanted)
+            with transaction.atomic():
+                insert(n, config, owner.pk, definition)
+            done += n
+            wanted -= n
+            echo(f"  {done:,} sagas, {done * config.logs_per_saga:,} log rows")
     with connection.cursor() as cursor:
         if connection.vendor != "postgresql":
             cursor.execute("ANALYZE")
@@ -120,12 +147,12 @@ def seed_sagas(config: SeedConfig, echo: Echo) -> dict[str, Any]:
 # The saga's shape from its random draws, and each log row's from (saga, i).
 _PG_SEED = """
 WITH draws AS (
-    SELECT gen_random_uuid() AS id, gen_random_uuid() AS booking_id, random() AS r_status,
-           random() AS r_type, random() AS r_age, random() AS r_duration, random() AS r_step
+    SELECT gen_random_uuid() AS id, random() AS r_status,
+           random() AS r_age, random() AS r_duration, random() AS r_step
     FROM generate_series(1, %(n)s)
 ), shaped AS (
     SELECT d.*,
-        CASE WHEN r_type < %(trip_share)s THEN %(trip)s ELSE %(cancel)s END AS saga_type,
+        %(saga_type)s AS saga_type,
         CASE {status_case} END AS status
     FROM draws d
 ), timed AS (
@@ -137,21 +164,18 @@ WITH draws AS (
          -- the long tail; below 0.5 it is 0 (and power() would underflow)
          + CASE WHEN r_duration > 0.5 THEN power(r_duration, 60) * 30000 ELSE 0 END
         )::int AS took_ms,
-        CASE WHEN status = 'COMPLETED' THEN 5 WHEN status = 'PENDING' THEN 0
-             ELSE floor(r_step * 5)::int END AS done,
-        CASE WHEN saga_type = %(trip)s THEN %(trip_actions)s::text[]
-             ELSE %(cancel_actions)s::text[] END AS actions,
-        CASE WHEN saga_type = %(trip)s THEN %(trip_compensations)s::text[]
-             ELSE %(cancel_compensations)s::text[] END AS compensations
+        CASE WHEN status = 'COMPLETED' THEN %(steps)s WHEN status = 'PENDING' THEN 0
+             ELSE floor(r_step * %(steps)s)::int END AS done,
+        %(actions)s::text[] AS actions,
+        %(compensations)s::text[] AS compensations
     FROM shaped s
 ), sagas AS (
     INSERT INTO sagas_saga (
         id, saga_type, status, business_key, owner_id, context, current_step, steps_done,
         undo_cursor, created_at, dispatched_at, started_at, updated_at, finished_at,
         duration_ms, deadline, failure_reason, resolved_at, resolved_by, resolution)
-    SELECT id, saga_type, status, 'booking:' || booking_id, %(owner)s,
-        jsonb_build_object('booking_id', booking_id::text, 'card_token', 'tok_ok'),
-        CASE WHEN status = 'COMPLETED' THEN actions[5]
+    SELECT id, saga_type, status, 'seed:' || id, %(owner)s, '{{}}'::jsonb,
+        CASE WHEN status = 'COMPLETED' THEN actions[%(steps)s]
              WHEN status IN ('COMPENSATED', 'PENDING') THEN ''
              WHEN status = 'FAILED' AND done > 0 THEN compensations[done]
              ELSE actions[done + 1] END,
@@ -180,12 +204,10 @@ WITH draws AS (
     SELECT s.id AS saga_id, i, s.steps_done AS done,
         coalesce(s.started_at, s.created_at) AS t0,
         greatest(coalesce(s.duration_ms, 100)::float / %(logs)s, 1.0) AS step_ms,
-        CASE WHEN s.saga_type = %(trip)s THEN %(trip_actions)s::text[]
-             ELSE %(cancel_actions)s::text[] END AS actions,
-        CASE WHEN s.saga_type = %(trip)s THEN %(trip_compensations)s::text[]
-             ELSE %(cancel_compensations)s::text[] END AS compensations,
+        %(actions)s::text[] AS actions,
+        %(compensations)s::text[] AS compensations,
         CASE
-            WHEN s.status = 'COMPLETED' THEN CASE WHEN i < 5 THEN 'ok' ELSE 'dup' END
+            WHEN s.status = 'COMPLETED' THEN CASE WHEN i < %(steps)s THEN 'ok' ELSE 'dup' END
             WHEN i < s.steps_done THEN 'ok'
             WHEN s.status IN ('COMPENSATED', 'FAILED') AND i = s.steps_done THEN 'fail'
             WHEN s.status = 'COMPENSATED' AND i - s.steps_done - 1 < s.steps_done THEN 'undo'
@@ -197,11 +219,12 @@ INSERT INTO sagas_sagalog (
     saga_id, step, step_index, phase, status, attempt, task_id, worker, started_at,
     finished_at, duration_ms, error, result)
 SELECT saga_id,
-    CASE kind WHEN 'ok' THEN actions[i %% 5 + 1] WHEN 'dup' THEN actions[i %% 5 + 1]
+    CASE kind WHEN 'ok' THEN actions[i %% %(steps)s + 1]
+              WHEN 'dup' THEN actions[i %% %(steps)s + 1]
               WHEN 'undo' THEN compensations[done - (i - done - 1)]
               WHEN 'undo_fail' THEN compensations[done]
               ELSE actions[done + 1] END,
-    CASE kind WHEN 'ok' THEN i %% 5 WHEN 'dup' THEN i %% 5
+    CASE kind WHEN 'ok' THEN i %% %(steps)s WHEN 'dup' THEN i %% %(steps)s
               WHEN 'undo' THEN done - (i - done - 1) - 1 WHEN 'undo_fail' THEN done - 1
               ELSE done END,
     CASE WHEN kind IN ('undo', 'undo_fail') THEN 'compensation' ELSE 'action' END,
@@ -229,9 +252,10 @@ def _status_case() -> str:
     )
 
 
-def _insert_postgresql(n: int, config: SeedConfig, owner_id: int) -> None:
-    trip_actions, trip_compensations = _names(TRIP_BOOKING)
-    cancel_actions, cancel_compensations = _names(BOOKING_CANCELLATION)
+def _insert_postgresql(
+    n: int, config: SeedConfig, owner_id: int, definition: SagaDefinition
+) -> None:
+    actions, compensations = _names(definition)
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL synchronous_commit = off")
         cursor.execute(
@@ -241,23 +265,22 @@ def _insert_postgresql(n: int, config: SeedConfig, owner_id: int) -> None:
                 "logs": config.logs_per_saga,
                 "days": config.days,
                 "in_flight_s": IN_FLIGHT_WINDOW_S,
-                "trip_share": TRIP_SHARE,
-                "trip": TRIP_BOOKING,
-                "cancel": BOOKING_CANCELLATION,
-                "trip_actions": trip_actions,
-                "trip_compensations": trip_compensations,
-                "cancel_actions": cancel_actions,
-                "cancel_compensations": cancel_compensations,
+                "saga_type": definition.name,
+                "steps": len(actions),
+                "actions": actions,
+                "compensations": compensations,
                 "owner": owner_id,
                 "worker": SEED_WORKER,
             },
         )
 
 
-def _python_saga(now, config: SeedConfig, owner_id: int) -> tuple[Saga, list[SagaLog]]:
+def _python_saga(
+    now, config: SeedConfig, owner_id: int, definition: SagaDefinition
+) -> tuple[Saga, list[SagaLog]]:
     """The same shape as the PostgreSQL statement, drawn in Python (SQLite and others)."""
-    saga_type = TRIP_BOOKING if random.random() < TRIP_SHARE else BOOKING_CANCELLATION
-    actions, compensations = _names(saga_type)
+    actions, compensations = _names(definition)
+    steps = len(actions)
     draw = random.random()
     status = next(status for share, status in STATUS_MIX if draw < share)
     terminal = status in Saga.TERMINAL
@@ -265,18 +288,20 @@ def _python_saga(now, config: SeedConfig, owner_id: int) -> tuple[Saga, list[Sag
     created = now - timedelta(seconds=age)
     r = random.random()
     took_ms = int(60 + r * 300 + r**60 * 30000)
-    done = {Saga.Status.COMPLETED: 5, Saga.Status.PENDING: 0}.get(status, int(random.random() * 5))
+    done = {Saga.Status.COMPLETED: steps, Saga.Status.PENDING: 0}.get(
+        status, int(random.random() * steps)
+    )
     started = None if status == Saga.Status.PENDING else created + timedelta(milliseconds=4)
     finished = created + timedelta(milliseconds=took_ms + 4) if terminal else None
-    booking_id = uuid.uuid4()
+    saga_id = uuid.uuid4()
     saga = Saga(
-        id=uuid.uuid4(),
-        saga_type=saga_type,
+        id=saga_id,
+        saga_type=definition.name,
         status=status,
-        business_key=f"booking:{booking_id}",
+        business_key=f"seed:{saga_id}",
         owner_id=owner_id,
-        context={"booking_id": str(booking_id), "card_token": "tok_ok"},
-        current_step=actions[4] if status == Saga.Status.COMPLETED else "",
+        context={},
+        current_step=actions[-1] if status == Saga.Status.COMPLETED else "",
         steps_done=done,
         undo_cursor=done if status == Saga.Status.FAILED else 0,
         created_at=created,
@@ -293,7 +318,7 @@ def _python_saga(now, config: SeedConfig, owner_id: int) -> tuple[Saga, list[Sag
     t0 = started or created
     for i in range(config.logs_per_saga):
         if status == Saga.Status.COMPLETED:
-            kind = "ok" if i < 5 else "dup"
+            kind = "ok" if i < steps else "dup"
         elif i < done:
             kind = "ok"
         elif status in (Saga.Status.COMPENSATED, Saga.Status.FAILED) and i == done:
@@ -305,7 +330,7 @@ def _python_saga(now, config: SeedConfig, owner_id: int) -> tuple[Saga, list[Sag
         else:
             kind = "retry"
         if kind in ("ok", "dup"):
-            step, index = actions[i % 5], i % 5
+            step, index = actions[i % steps], i % steps
         elif kind == "undo":
             index = done - (i - done - 1) - 1
             step = compensations[index]
@@ -348,12 +373,15 @@ def _timestamps_as_given() -> Iterator[None]:
             field.auto_now, field.auto_now_add = auto_now, auto_now_add
 
 
-def _insert_python(n: int, config: SeedConfig, owner_id: int) -> None:
+def _insert_python(n: int, config: SeedConfig, owner_id: int, definition: SagaDefinition) -> None:
     now = timezone.now()
     chunk = 2000
     with _timestamps_as_given():
         for start in range(0, n, chunk):
-            pairs = [_python_saga(now, config, owner_id) for _ in range(min(chunk, n - start))]
+            pairs = [
+                _python_saga(now, config, owner_id, definition)
+                for _ in range(min(chunk, n - start))
+            ]
             Saga.objects.bulk_create([saga for saga, _ in pairs])
             SagaLog.objects.bulk_create([log for _, logs in pairs for log in logs])
 
@@ -449,8 +477,6 @@ def _time_page(client: Client, path: str, runs: int) -> dict[str, Any]:
 
 
 def run_scale(config: ScaleConfig, echo: Echo) -> dict[str, Any]:
-    from bookings.bench.workers import broker_url
-
     try:
         broker = broker_url()
     except BenchError:

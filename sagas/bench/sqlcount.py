@@ -1,6 +1,6 @@
 """SQL statements per saga step, counted through the real step wrapper.
 
-One trip saga runs in this process, step by step, through
+One saga of the benched type runs in this process, step by step, through
 ``sagas.runtime.run_action`` / ``run_compensation`` (what the worker's task
 calls) with a stand-in for the Celery task. ``connection.execute_wrapper``
 sees every statement; a statement that names ``sagas_saga`` or
@@ -22,7 +22,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -30,12 +29,10 @@ from celery import current_app
 from celery.app.task import Context
 from django.db import connection, transaction
 from django.utils import timezone
+from django_celery_results.models import TaskResult
 
-from bookings.bench import bare
-from bookings.bench.fixture import CARD_TOKEN, BenchFixture
-from bookings.services import TRIP_BOOKING
-from sagas.definitions import registry
 from sagas.errors import ChaosFailure
+from sagas.harness.plugin import SagaHarness
 from sagas.models import Saga
 from sagas.runtime import run_action, run_compensation
 from sagas.services import saga_begin_compensation, saga_finish_compensation
@@ -116,31 +113,10 @@ class StandInTask:
         raise AssertionError(f"{self.name}: the SQL count expects no retries")
 
 
-def _unpublished_trip(fixture: BenchFixture, index: int, chaos: dict | None = None) -> Saga:
-    """A booking and its RUNNING trip saga, as booking_create and saga_publish leave them.
-
-    Nothing is published: this process runs the steps itself.
-    """
-    with transaction.atomic():
-        booking = bare.booking_rows(**fixture.booking_request(index))
-        definition = registry.get(TRIP_BOOKING)
-        now = timezone.now()
-        context: dict[str, Any] = {"booking_id": str(booking.id), "card_token": CARD_TOKEN}
-        if chaos:
-            context["chaos"] = chaos
-        saga = Saga.objects.create(
-            saga_type=TRIP_BOOKING,
-            business_key=f"booking:{booking.id}",
-            owner=fixture.user,
-            context=context,
-            deadline=now + timedelta(seconds=definition.deadline_s),
-            status=Saga.Status.RUNNING,
-            dispatched_at=now,
-            started_at=now,
-        )
-        booking.saga_id = saga.id
-        booking.save(update_fields=["saga_id"])
-    return saga
+def _unpublished(harness: SagaHarness, index: int, chaos: dict | None = None) -> str:
+    saga_id = harness.start_unpublished(index, chaos=chaos)
+    harness.saga_ids.append(saga_id)
+    return saga_id
 
 
 def _step_row(phase: str, name: str, counter: StatementCounter) -> dict[str, Any]:
@@ -168,30 +144,30 @@ def result_backend_writes(task_name: str, kwargs: dict[str, Any]) -> StatementCo
     )
     with counting() as counter:
         current_app.backend.mark_as_done(task_id, {"outcome": "succeeded"}, request=request)
-    from django_celery_results.models import TaskResult
-
     TaskResult.objects.filter(task_id=task_id).delete()
     return counter
 
 
-def count_sql(fixture: BenchFixture) -> dict[str, Any]:
-    """Run one trip saga to COMPLETED, one to COMPENSATED and one bare chain, counting SQL."""
-    definition = registry.get(TRIP_BOOKING)
+def count_sql(harness: SagaHarness, *, offset: int = 0) -> dict[str, Any]:
+    """Run one saga to COMPLETED, one to COMPENSATED and one bare chain, counting SQL.
+
+    Uses the plug-in's sagas ``offset`` to ``offset + 2``.
+    """
+    definition = harness.definition
     steps: list[dict[str, Any]] = []
 
-    saga = _unpublished_trip(fixture, 0)
+    saga_id = _unpublished(harness, offset)
     actions = []
     for index, step in enumerate(definition.steps):
         with counting() as counter:
-            run_action(StandInTask(step.name), definition, index, str(saga.pk))
+            run_action(StandInTask(step.name), definition, index, saga_id)
         actions.append(_step_row("action", step.name, counter))
-    saga.refresh_from_db()
-    if saga.status != Saga.Status.COMPLETED:
-        raise AssertionError(f"the counted saga ended {saga.status}, not COMPLETED")
+    status = Saga.objects.filter(pk=saga_id).values_list("status", flat=True).get()
+    if status != Saga.Status.COMPLETED:
+        raise AssertionError(f"the counted saga ended {status}, not COMPLETED")
 
-    # The same trip failing at its last step: count the compensations.
-    failing = _unpublished_trip(fixture, 1, chaos={"fail": [definition.steps[-1].name]})
-    saga_id = str(failing.pk)
+    # The same saga failing at its last step: count the compensations.
+    saga_id = _unpublished(harness, offset + 1, chaos={"fail": [definition.steps[-1].name]})
     for index in range(len(definition.steps) - 1):
         run_action(StandInTask(definition.steps[index].name), definition, index, saga_id)
     last = len(definition.steps) - 1
@@ -209,6 +185,8 @@ def count_sql(fixture: BenchFixture) -> dict[str, Any]:
     compensations = []
     for index in reversed(range(last)):
         step = definition.steps[index]
+        if step.compensation is None:
+            continue
         with counting() as counter:
             run_compensation(StandInTask(step.undo_name), definition, index, saga_id)
         compensations.append(_step_row("compensation", step.undo_name, counter))
@@ -218,23 +196,21 @@ def count_sql(fixture: BenchFixture) -> dict[str, Any]:
         raise AssertionError("the counted compensation did not end COMPENSATED")
 
     # The bare chain's steps: the same domain work without the saga.
-    booking = bare.booking_rows(**fixture.booking_request(2))
     bare_steps = []
-    for name, _queue, _timeout in bare.STEPS:
-        with counting() as counter:
-            bare.RUNS[name](booking_id=str(booking.id), card_token=CARD_TOKEN)
-        bare_steps.append(_step_row("bare", name, counter))
+    if harness.has_bare_chain:
+        for name, run in harness.bare_steps(offset + 2):
+            with counting() as counter:
+                run()
+            bare_steps.append(_step_row("bare", name, counter))
 
-    result = result_backend_writes(
-        f"{TRIP_BOOKING}.{definition.steps[0].name}", {"saga_id": saga_id}
-    )
+    result = result_backend_writes(definition.action_task_name(0), {"saga_id": saga_id})
     steps = actions + compensations + bare_steps
     bookkeeping_max = max(row[BOOKKEEPING] for row in actions + compensations)
     return {
         "action": _average(actions),
         "compensation": _average(compensations),
         "bookkeeping_per_step_max": bookkeeping_max,
-        "bare_action": _average(bare_steps),
+        "bare_action": _average(bare_steps) if bare_steps else None,
         "result_backend_per_task": result.count(),
         "saga_level": {
             "failed_action": failed_action.summary(),
@@ -246,33 +222,38 @@ def count_sql(fixture: BenchFixture) -> dict[str, Any]:
     }
 
 
-def time_steps(fixture: BenchFixture, *, trips: int, offset: int) -> dict[str, Any]:
+def time_steps(harness: SagaHarness, *, sagas: int, offset: int) -> dict[str, Any]:
     """Milliseconds the step bodies take in one process, commits included, Celery left out.
 
     The saga's steps through the step wrapper, and the bare chain's: what a
-    worker process spends in the database per trip, whatever the broker adds.
+    worker process spends in the database per saga, whatever the broker adds.
     """
-    definition = registry.get(TRIP_BOOKING)
+    definition = harness.definition
     saga_ms = [0.0] * len(definition.steps)
-    bare_ms = [0.0] * len(bare.STEPS)
-    for trip in range(trips):
-        saga_id = str(_unpublished_trip(fixture, offset + 2 * trip).pk)
+    bare_ms: list[float] = []
+    bare_names: list[str] = []
+    for n in range(sagas):
+        saga_id = _unpublished(harness, offset + 2 * n)
         for index, step in enumerate(definition.steps):
             start = time.perf_counter()
             run_action(StandInTask(step.name), definition, index, saga_id)
             saga_ms[index] += (time.perf_counter() - start) * 1000
-        booking_id = str(bare.booking_rows(**fixture.booking_request(offset + 2 * trip + 1)).id)
-        for index, (name, _queue, _timeout) in enumerate(bare.STEPS):
+        if not harness.has_bare_chain:
+            continue
+        bare_steps = harness.bare_steps(offset + 2 * n + 1)
+        bare_names = [name for name, _run in bare_steps]
+        bare_ms = bare_ms or [0.0] * len(bare_steps)
+        for index, (_name, run) in enumerate(bare_steps):
             start = time.perf_counter()
-            bare.RUNS[name](booking_id=booking_id, card_token=CARD_TOKEN)
+            run()
             bare_ms[index] += (time.perf_counter() - start) * 1000
 
-    def per_trip(totals: list[float], names: list[str]) -> dict[str, Any]:
-        steps = {name: round(total / trips, 2) for name, total in zip(names, totals, strict=True)}
-        return {"per_trip": round(sum(totals) / trips, 1), "per_step": steps}
+    def per_saga(totals: list[float], names: list[str]) -> dict[str, Any]:
+        steps = {name: round(total / sagas, 2) for name, total in zip(names, totals, strict=True)}
+        return {"per_saga": round(sum(totals) / sagas, 1), "per_step": steps}
 
     return {
-        "trips": trips,
-        "saga": per_trip(saga_ms, definition.action_names),
-        "bare": per_trip(bare_ms, [name for name, _queue, _timeout in bare.STEPS]),
+        "sagas": sagas,
+        "saga": per_saga(saga_ms, definition.action_names),
+        "bare": per_saga(bare_ms, bare_names) if bare_names else None,
     }

@@ -1,11 +1,11 @@
-"""Trip sagas and bare chains against running workers: bursts, open-loop arrivals, lone runs.
+"""Sagas and bare chains against running workers: bursts, open-loop arrivals, lone runs.
 
 Times come from the rows, on one clock (every process runs on this machine):
-a saga starts at its ``created_at`` (written by ``booking_create`` before the
-commit and the publish) and ends at its ``finished_at`` (written by the step
-or the compensation that ended it); a bare chain starts at its booking's
-``created_at`` and ends when its last task's transaction committed (the
-``done_at`` it returns, kept by the result backend). Polling only says when
+a saga starts at its ``created_at`` (written by the plug-in's start, before
+the commit and the publish) and ends at its ``finished_at`` (written by the
+step or the compensation that ended it); a bare chain starts when the
+plug-in created its rows and ends when its last task's transaction committed
+(the ``done_at`` it returns, kept by the result backend). Polling only says when
 to read them, so its interval does not enter any figure.
 """
 
@@ -23,13 +23,13 @@ from datetime import datetime
 from django.db import connections
 from django.db.models import Count
 from django.utils import timezone
+from django_celery_results.models import TaskResult
 
-from bookings.bench import bare
-from bookings.bench.fixture import BenchFixture
-from bookings.bench.workers import BenchError
-from bookings.models import Booking
-from bookings.services import booking_create
 from sagas import selectors as saga_selectors
+from sagas.bench.tasks import noop_chain
+from sagas.bench.workers import BenchError
+from sagas.definitions import SagaDefinition
+from sagas.harness.plugin import SagaHarness
 from sagas.models import Saga, SagaLog
 
 POLL_S = 0.05
@@ -42,9 +42,8 @@ CHUNK = 500
 @dataclass
 class Submitted:
     key: str  # the saga id, or the bare chain's last task id
-    booking_id: str  # empty for a no-op chain, which has no booking
+    started: float = 0.0  # a bare chain's rows created, a no-op chain published (epoch)
     lag_ms: float | None = None
-    started: float = 0.0  # a no-op chain's publish time
 
 
 @dataclass(frozen=True)
@@ -119,33 +118,32 @@ def _epoch(moment: datetime) -> float:
 Job = Callable[[int], Submitted]
 
 
-def saga_job(fixture: BenchFixture, *, offset: int = 0, chaos: dict | None = None) -> Job:
-    """Book the ``offset + i``-th trip through the API's own service."""
+def saga_job(harness: SagaHarness, *, offset: int = 0, chaos: dict | None = None) -> Job:
+    """Start the plug-in's ``offset + i``-th saga, as its own product would."""
 
     def job(i: int) -> Submitted:
-        booking = booking_create(**fixture.booking_request(offset + i), chaos=chaos)
-        return Submitted(key=str(booking.saga_id), booking_id=str(booking.id))
+        saga_id = harness.start(offset + i, chaos=chaos)
+        harness.saga_ids.append(saga_id)
+        return Submitted(key=saga_id)
 
     return job
 
 
-def bare_job(fixture: BenchFixture, *, offset: int = 0) -> Job:
+def bare_job(harness: SagaHarness, *, offset: int = 0) -> Job:
     def job(i: int) -> Submitted:
         last_task_id = str(uuid.uuid4())
-        booking = bare.bare_booking_create(
-            **fixture.booking_request(offset + i), last_task_id=last_task_id
-        )
-        return Submitted(key=last_task_id, booking_id=str(booking.id))
+        started = harness.bare_start(offset + i, last_task_id=last_task_id)
+        return Submitted(key=last_task_id, started=started)
 
     return job
 
 
-def noop_job() -> Job:
+def noop_job(definition: SagaDefinition) -> Job:
     def job(_i: int) -> Submitted:
         last_task_id = str(uuid.uuid4())
         started = time.time()
-        bare.noop_chain(last_task_id=last_task_id).apply_async()
-        return Submitted(key=last_task_id, booking_id="", started=started)
+        noop_chain(definition, last_task_id=last_task_id).apply_async()
+        return Submitted(key=last_task_id, started=started)
 
     return job
 
@@ -240,18 +238,14 @@ def wait_sagas(ids: list[str], *, timeout: float, expect: str) -> dict[str, Outc
 
 
 def _bare_failures(since: datetime) -> list[str]:
-    from django_celery_results.models import TaskResult
-
     failed = TaskResult.objects.filter(
-        task_name__startswith=f"{bare.PREFIX}.", status="FAILURE", date_done__gte=since
+        task_name__startswith="bench.", status="FAILURE", date_done__gte=since
     ).values_list("task_name", "result")[:3]
     return [f"{name}: {result}" for name, result in failed]
 
 
 def wait_bare(submitted: list[Submitted], *, timeout: float, since: datetime) -> dict[str, Outcome]:
     """Wait for every bare (or no-op) chain's last task to succeed; a failure stops the run."""
-    from django_celery_results.models import TaskResult
-
     keys = [s.key for s in submitted]
     deadline = time.monotonic() + timeout
 
@@ -275,16 +269,7 @@ def wait_bare(submitted: list[Submitted], *, timeout: float, since: datetime) ->
             "task_id", "result"
         ):
             ends[task_id] = float(json.loads(result)["done_at"])
-    created: dict[str, float] = {}
-    for chunk in _chunks([s.booking_id for s in submitted if s.booking_id]):
-        for booking_id, moment in Booking.objects.filter(pk__in=chunk).values_list(
-            "id", "created_at"
-        ):
-            created[str(booking_id)] = _epoch(moment)
-    return {
-        s.key: Outcome(created[s.booking_id] if s.booking_id else s.started, ends[s.key], "SUCCESS")
-        for s in submitted
-    }
+    return {s.key: Outcome(s.started, ends[s.key], "SUCCESS") for s in submitted}
 
 
 # --- phases ---------------------------------------------------------------------
@@ -329,8 +314,6 @@ def lone_sagas(job: Job, count: int, *, timeout: float) -> Run:
 
 
 def lone_bare(job: Job, count: int, *, timeout: float) -> Run:
-    from django_celery_results.models import TaskResult
-
     since = timezone.now()
     first = time.time()
     submitted = []

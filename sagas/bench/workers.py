@@ -1,10 +1,12 @@
 """The Celery workers a bench run starts itself, measures and stops.
 
-``celery -A config worker -P prefork -c 2`` on every context queue, as a
+``celery -A config worker -P prefork -c 2`` on the saga type's queues, as a
 subprocess in its own session, with the bench's own settings module, database
-and broker. It is stopped with a warm shutdown, and its whole process group is
-killed if that does not end it, so no worker outlives the bench; on Linux the
-kernel also stops it if the bench itself is killed.
+and broker, and ``--include`` of the bench's own tasks (the no-op chain, the
+plug-in's bare chain), which production workers never register. It is
+stopped with a warm shutdown, and its whole process group is killed if that
+does not end it, so no worker outlives the bench; on Linux the kernel also
+stops it if the bench itself is killed.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
 from celery import current_app
 from celery.utils.nodenames import host_format
 from django.conf import settings
 
-from bookings.worker_processes import celery_command as celery_executable
-from bookings.worker_processes import child_pids, die_with_parent, worker_environment
+from sagas.harness.processes import celery_command as celery_executable
+from sagas.harness.processes import child_pids, die_with_parent, worker_environment
 
-QUEUES = ("sagas", "bookings", "inventory", "payments")
+BENCH_TASKS = "sagas.bench.tasks"
 NODE_NAME = "bench@%h"
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -42,7 +45,9 @@ def broker_url() -> str:
     return url
 
 
-def celery_command(concurrency: int) -> list[str]:
+def celery_command(
+    concurrency: int, *, queues: tuple[str, ...], includes: tuple[str, ...] = ()
+) -> list[str]:
     return [
         *celery_executable(),
         "-A",
@@ -53,7 +58,9 @@ def celery_command(concurrency: int) -> list[str]:
         "-c",
         str(concurrency),
         "-Q",
-        ",".join(QUEUES),
+        ",".join(queues),
+        "--include",
+        ",".join((BENCH_TASKS, *includes)),
         "-n",
         NODE_NAME,
         "--without-gossip",
@@ -86,8 +93,12 @@ def _process_group(pid: int) -> int | None:
 class WorkerPool:
     """One ``celery worker`` process (prefork: a main process and ``concurrency`` children)."""
 
-    def __init__(self, *, concurrency: int = 2) -> None:
+    def __init__(
+        self, *, concurrency: int = 2, queues: tuple[str, ...], includes: tuple[str, ...] = ()
+    ) -> None:
         self.concurrency = concurrency
+        self.queues = queues
+        self.includes = includes
         self.nodename = host_format(NODE_NAME)
         self.process: subprocess.Popen | None = None
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the pool
@@ -103,7 +114,7 @@ class WorkerPool:
 
     def start(self) -> None:
         self.process = subprocess.Popen(  # noqa: S603 - fixed arguments, no shell
-            celery_command(self.concurrency),
+            celery_command(self.concurrency, queues=self.queues, includes=self.includes),
             cwd=settings.BASE_DIR,
             env=self.environment(),
             stdin=subprocess.DEVNULL,
@@ -170,18 +181,14 @@ def foreign_workers(nodename: str) -> list[str]:
     return sorted(name for reply in replies for name in reply if name != nodename)
 
 
-def queued_messages() -> dict[str, int]:
+def queued_messages(queues: tuple[str, ...]) -> dict[str, int]:
     """Messages waiting in the bench's queues, including unacknowledged ones."""
-    import redis
-
     client = redis.Redis.from_url(broker_url())
-    counts = {queue: int(client.llen(queue)) for queue in QUEUES}
+    counts = {queue: int(client.llen(queue)) for queue in queues}
     counts["unacked"] = int(client.zcard("unacked_index"))
     return {name: n for name, n in counts.items() if n}
 
 
-def purge_queues() -> None:
-    import redis
-
+def purge_queues(queues: tuple[str, ...]) -> None:
     client = redis.Redis.from_url(broker_url())
-    client.delete(*QUEUES, "unacked", "unacked_index", "unacked_mutex")
+    client.delete(*queues, "unacked", "unacked_index", "unacked_mutex")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,32 @@ BROKER_RESTART = "broker_restart"
 FAULT_KINDS = (FAIL, TRANSIENT, COMPENSATION_TRANSIENT, DUPLICATE, WORKER_KILL, BROKER_RESTART)
 
 
+# What `chaos` injects when no fault flag is given (`--no-faults` for a clean run):
+# 1 - 0.95**5 = 23% of five-step sagas fail at some step, and every fault kind shows.
+DEFAULT_FAULTS = {
+    "fail_rate": 0.05,
+    "transient_rate": 0.1,
+    "compensation_fail_rate": 0.1,
+    "duplicate_rate": 0.1,
+}
+FAULT_FLAGS = {
+    "fail_rate": "--fail-rate",
+    "fail_step": "--fail-step",
+    "transient_rate": "--transient-rate",
+    "compensation_fail_rate": "--compensation-fail-rate",
+    "duplicate_rate": "--duplicate-rate",
+    "kill_workers": "--kill-workers",
+    "restart_broker": "--restart-broker",
+}
+
+
 class ChaosConfigError(ValueError):
     """An option is out of range or does not combine with another; names the flag."""
 
 
 @dataclass(frozen=True)
 class ChaosOptions:
+    saga_type: str = "trip_booking"
     sagas: int = 200
     concurrency: int = 20
     seed: int | None = None
@@ -56,6 +76,23 @@ class ChaosOptions:
     timeout: float = 300.0
     json_path: str = ""
     capacity: int | None = None
+    keep: bool = False
+    no_faults: bool = False
+    default_faults: bool = False  # set by with_faults(): no fault flag was given
+
+    def with_faults(self) -> ChaosOptions:
+        """These options, with the default fault mix if no fault flag was given.
+
+        ``--no-faults`` asks for a clean run and contradicts every fault flag.
+        """
+        given = [flag for name, flag in FAULT_FLAGS.items() if getattr(self, name)]
+        if self.no_faults:
+            if given:
+                raise ChaosConfigError(f"--no-faults contradicts {', '.join(given)}")
+            return self
+        if given or self.default_faults:
+            return self
+        return replace(self, **DEFAULT_FAULTS, default_faults=True)
 
     def validate(self, *, actions: list[str]) -> None:
         """Raise ChaosConfigError naming the first flag that is wrong, and why."""
@@ -71,7 +108,7 @@ class ChaosOptions:
                 raise ChaosConfigError(f"{flag} must be a probability between 0 and 1, not {rate}")
         if self.fail_step and self.fail_step not in actions:
             raise ChaosConfigError(
-                f"--fail-step {self.fail_step!r} is not a step of the trip booking saga; "
+                f"--fail-step {self.fail_step!r} is not a step of the {self.saga_type} saga; "
                 f"use one of {', '.join(actions)}"
             )
         if self.workers:

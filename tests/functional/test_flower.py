@@ -18,7 +18,7 @@ from django.conf import settings
 
 from config.celery_app import app
 from sagas.models import Saga
-from tests.conftest import wait_for
+from tests.conftest import QUEUES, wait_for
 from tests.functional.support import TRIP_STEPS, book_trip, wait_terminal
 
 pytestmark = [pytest.mark.saga, pytest.mark.django_db(transaction=True)]
@@ -170,7 +170,7 @@ def test_flower_shows_the_worker_and_the_tasks_of_a_saga(
     found = wait_for(workers, timeout=30, interval=0.5, message="Flower to inspect the worker")
     worker = found[celery_worker.hostname]
     queues = {queue["name"] for queue in worker["active_queues"]}
-    assert queues == {"sagas", "bookings", "inventory", "payments"}
+    assert queues == set(QUEUES)
     assert "trip_booking.reserve_flight" in worker["registered"]
 
 

@@ -9,10 +9,10 @@ import time
 import pytest
 from django.utils import timezone
 
-from bookings.chaos.workers import WorkerPool
-from bookings.worker_processes import child_pids
 from inventory import selectors as inventory_selectors
 from inventory.models import Hold
+from sagas.chaos.workers import WorkerPool
+from sagas.harness.processes import child_pids
 from sagas.models import Saga, SagaLog
 from tests.conftest import QUEUES, wait_for
 from tests.functional.support import TRIP_STEPS, book_trip, stock, wait_terminal
@@ -26,7 +26,9 @@ def lone_worker(celery_worker, tmp_path):
     from config.celery_app import app
 
     embedded = [celery_worker.hostname]
-    pool = WorkerPool(app=app, count=1, topology="shared", run_id="loss", workdir=tmp_path)
+    pool = WorkerPool(
+        app=app, count=1, topology="shared", run_id="loss", workdir=tmp_path, queues=tuple(QUEUES)
+    )
     try:
         for queue in QUEUES:
             replies = app.control.cancel_consumer(queue, destination=embedded, reply=True)

@@ -3,10 +3,10 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from bookings.bench.report import table
-from bookings.bench.runner import BenchConfig, run_bench
-from bookings.bench.scale import ScaleConfig, run_scale, scale_table
-from bookings.bench.workers import BenchError
+from sagas.bench.report import table
+from sagas.bench.runner import BenchConfig, run_bench
+from sagas.bench.scale import ScaleConfig, run_scale, scale_table
+from sagas.bench.workers import BenchError
 
 THROUGHPUT_FLAGS = (
     "sagas",
@@ -20,6 +20,8 @@ THROUGHPUT_FLAGS = (
     "concurrency",
     "purge",
     "allow_foreign_workers",
+    "saga_type",
+    "keep",
 )
 
 
@@ -30,13 +32,18 @@ def _given(value) -> bool:
 
 class Command(BaseCommand):
     help = (
-        "Benchmark trip sagas against a bare Celery chain with workers started here: "
-        "throughput, latency, compensation latency, SQL per step and worker memory. "
+        "Benchmark sagas of one type (--saga-type, default trip_booking) against a bare "
+        "Celery chain with the same domain work and a no-op chain, with workers started "
+        "here: throughput, latency, compensation latency, SQL per step and worker memory. "
+        "What the run created is deleted at the end unless --keep. "
         "--scale times the admin and API pages over the seeded sagas instead "
         "(see seed_sagas)."
     )
 
     def add_arguments(self, parser):
+        parser.add_argument(
+            "--saga-type", metavar="NAME", help="the saga type to bench [trip_booking]"
+        )
         parser.add_argument("--sagas", type=int, help="sagas (and bare chains) per burst [500]")
         parser.add_argument("--submitters", type=int, help="threads submitting bookings [4]")
         parser.add_argument("--lone", type=int, help="sagas run one at a time [50]")
@@ -58,6 +65,11 @@ class Command(BaseCommand):
             "--allow-foreign-workers",
             action="store_true",
             help="run even if other workers consume this broker (their work skews the figures)",
+        )
+        parser.add_argument(
+            "--keep",
+            action="store_true",
+            help="keep the run's sagas, stock and bookings (default: delete them at the end)",
         )
         parser.add_argument("--json", metavar="PATH", help="write the report to PATH as JSON")
         parser.add_argument(

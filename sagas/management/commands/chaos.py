@@ -1,22 +1,35 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from bookings.chaos import ChaosConfigError, ChaosError, ChaosOptions, run_chaos
-from bookings.chaos.plan import TOPOLOGIES
+from sagas.chaos import ChaosConfigError, ChaosError, ChaosOptions, run_chaos
+from sagas.chaos.plan import DEFAULT_FAULTS, TOPOLOGIES
+
+DEFAULT_MIX = ", ".join(
+    f"--{name.replace('_', '-')} {value:g}" for name, value in DEFAULT_FAULTS.items()
+)
 
 
 class Command(BaseCommand):
     help = (
-        "Run trip-booking sagas through real Celery workers while injecting faults "
+        "Run sagas of one type (--saga-type, default trip_booking) through real Celery "
+        "workers while injecting faults "
         "(permanent and transient step failures, failing compensations, duplicate deliveries, "
         "killed worker processes, a broker restart), wait until every saga is terminal, check "
         "the invariants of DESIGN.md section 4 and print a report. Exits non-zero if any "
         "invariant fails. No beat runs during the run: the command itself calls the "
         "reconciler (sagas_reconcile_pending) and the stall sweeper (sagas_recover_stalled) "
-        "every 2 seconds, as beat would."
+        "every 2 seconds, as beat would. With no fault flag it injects a default mix "
+        f"({DEFAULT_MIX}); --no-faults runs clean. What the run created is deleted at "
+        "the end unless --keep."
     )
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--sagas", type=int, default=200, help="trips to book (default 200)")
+        parser.add_argument(
+            "--saga-type",
+            default="trip_booking",
+            metavar="NAME",
+            help="the saga type to run; it needs a chaos plug-in (default trip_booking)",
+        )
+        parser.add_argument("--sagas", type=int, default=200, help="sagas to start (default 200)")
         parser.add_argument(
             "--concurrency",
             type=int,
@@ -98,6 +111,16 @@ class Command(BaseCommand):
             help="give up waiting after this long; open sagas are a violation (default 300)",
         )
         parser.add_argument(
+            "--no-faults",
+            action="store_true",
+            help="inject no fault at all (without any fault flag the default mix runs)",
+        )
+        parser.add_argument(
+            "--keep",
+            action="store_true",
+            help="keep the run's sagas, stock and bookings for inspection (default: delete them)",
+        )
+        parser.add_argument(
             "--json",
             dest="json_path",
             default="",
@@ -107,6 +130,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options) -> None:
         chaos_options = ChaosOptions(
+            saga_type=options["saga_type"],
             sagas=options["sagas"],
             concurrency=options["concurrency"],
             seed=options["seed"],
@@ -122,6 +146,8 @@ class Command(BaseCommand):
             timeout=options["timeout"],
             json_path=options["json_path"],
             capacity=options["capacity"],
+            keep=options["keep"],
+            no_faults=options["no_faults"],
         )
         try:
             result = run_chaos(options=chaos_options, out=self.stdout, err=self.stderr)

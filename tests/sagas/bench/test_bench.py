@@ -14,8 +14,7 @@ from celery.utils.nodenames import host_format
 from django.core.management import CommandError, call_command
 from django.db.models import Count
 
-from bookings.bench.fixture import bench_fixture
-from bookings.bench.sqlcount import (
+from sagas.bench.sqlcount import (
     BOOKKEEPING,
     DOMAIN,
     RESULT_BACKEND,
@@ -24,8 +23,9 @@ from bookings.bench.sqlcount import (
     count_sql,
     is_savepoint,
 )
-from bookings.bench.workers import NODE_NAME
-from bookings.worker_processes import database_url
+from sagas.bench.workers import NODE_NAME
+from sagas.harness.plugin import harness_for
+from sagas.harness.processes import database_url
 from sagas.models import Saga, SagaLog
 
 TRIP_STEPS = ["reserve_flight", "reserve_hotel", "reserve_car", "charge_payment", "confirm_booking"]
@@ -108,7 +108,10 @@ def test_savepoints_are_recognised():
 
 @pytest.mark.django_db(transaction=True)
 def test_the_sql_count_runs_one_saga_through_the_step_wrapper():
-    counted = count_sql(bench_fixture(trips=10))
+    harness = harness_for("trip_booking", purpose="bench", run_id="unit")
+    harness.prepare(sagas=10)
+
+    counted = count_sql(harness)
 
     actions = [row for row in counted["steps"] if row["phase"] == "action"]
     compensations = [row for row in counted["steps"] if row["phase"] == "compensation"]

@@ -9,10 +9,12 @@ import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
 
-from bookings.chaos.workers import has_redis_server
 from bookings.models import Booking
 from inventory.models import Item
-from sagas.models import SagaLog
+from payments.models import Charge
+from sagas.chaos.workers import has_redis_server
+from sagas.harness.processes import describe_backends
+from sagas.models import Saga, SagaLog
 
 pytestmark = [pytest.mark.saga, pytest.mark.django_db(transaction=True)]
 
@@ -67,6 +69,7 @@ def test_the_ci_chaos_run_keeps_every_invariant(celery_worker, tmp_path):
         "--kill-workers=1",
         "--seed=20240604",
         "--timeout=150",
+        "--keep",
     )
 
     assert_every_invariant_passed(report)
@@ -127,6 +130,10 @@ def test_sagas_survive_a_broker_restart_mid_run(celery_worker, tmp_path):
     from config.celery_app import app
 
     broker_url, redis_url = app.conf.broker_url, settings.REDIS_URL
+    # This process has used remote control on the suite's broker before the run
+    # switches brokers (as any earlier test or a long-lived shell has): the run
+    # must still hear its own workers' pings on its own broker.
+    app.control.ping(timeout=0.5)
 
     # No transient faults: the outage is the fault (and retries in flight at the
     # moment Redis stops are what the rare slow path above needs).
@@ -169,6 +176,7 @@ def test_a_run_that_times_out_lists_the_open_sagas_and_fails(celery_worker, tmp_
                 "chaos",
                 "--sagas=3",
                 "--timeout=1",
+                "--keep",
                 f"--json={path}",
                 stdout=out,
                 stderr=StringIO(),
@@ -202,6 +210,12 @@ def test_a_run_that_times_out_lists_the_open_sagas_and_fails(celery_worker, tmp_
         (["--timeout=-1"], "--timeout must be more than 0 seconds"),
         (["--topology=ring"], "argument --topology: invalid choice: 'ring'"),
         (["--sagas=many"], "argument --sagas: invalid int value: 'many'"),
+        (["--no-faults", "--fail-rate=0.1"], "--no-faults contradicts --fail-rate"),
+        (["--saga-type=boat_trip"], "--saga-type: unknown saga type 'boat_trip'"),
+        (
+            ["--saga-type=booking_cancellation"],
+            "--saga-type: saga type 'booking_cancellation' has no chaos/bench plug-in",
+        ),
     ],
 )
 def test_bad_flags_are_refused_before_anything_starts(args, message):
@@ -213,3 +227,37 @@ def test_bad_flags_are_refused_before_anything_starts(args, message):
     assert message in str(raised.value)
     assert err.getvalue() == ""  # no run was announced
     assert not Item.objects.filter(sku__startswith="CHAOS-").exists()
+
+
+def test_a_run_deletes_what_it_created_and_says_where_it_ran(celery_worker, tmp_path):
+    sagas_before = Saga.objects.count()
+    report, _, err = chaos(tmp_path, "--sagas=6", "--concurrency=3", "--seed=3")
+
+    assert_every_invariant_passed(report)
+    # No fault flag: the documented default mix, said so before the run.
+    assert "faults: --fail-rate 0.05, --transient-rate 0.1, --compensation-fail-rate 0.1, " in err
+    assert "(the default mix)" in err
+    assert report["options"]["fail_rate"] == 0.05
+    assert report["options"]["default_faults"] is True
+    database = settings.DATABASES["default"]["NAME"]
+    assert f"using {describe_backends(broker_url=settings.CELERY_BROKER_URL)}" in err
+    assert str(database) in err
+    # Nothing of the run is left: stock, bookings, charges, sagas.
+    assert not Item.objects.filter(sku__startswith=f"CHAOS-{report['run_id']}-").exists()
+    assert not Booking.objects.filter(
+        customer_name__startswith=f"Chaos {report['run_id']}"
+    ).exists()
+    assert Saga.objects.count() == sagas_before
+    assert not Charge.objects.exists()
+    assert report["cleanup"]["sagas"] == 6
+    assert report["cleanup"]["bookings"] == 6
+    assert "cleaned up: " in err
+
+
+def test_no_faults_runs_clean(celery_worker, tmp_path):
+    report, _, err = chaos(tmp_path, "--sagas=4", "--no-faults", "--seed=5")
+
+    assert_every_invariant_passed(report)
+    assert report["sagas"]["by_status"] == {"COMPLETED": 4}
+    assert set(report["faults"].values()) == {0}
+    assert "faults: none (--no-faults)" in err

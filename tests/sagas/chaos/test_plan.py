@@ -1,0 +1,168 @@
+"""Chaos plans: seeded fault draws, option validation, and the compensation-order check."""
+
+from __future__ import annotations
+
+import pytest
+
+from bookings.saga_steps import trip_booking
+from sagas.chaos.invariants import compensation_order_problem
+from sagas.chaos.plan import ChaosConfigError, ChaosOptions, draw_plans
+from sagas.faults import validate_plan
+
+ACTIONS = trip_booking.action_names
+UNDO = {step.name: step.undo_name for step in trip_booking.steps}
+
+
+def plans(seed=1, **options):
+    return draw_plans(
+        ChaosOptions(**{"sagas": 2000, **options}), seed=seed, actions=ACTIONS, compensations=UNDO
+    )
+
+
+# --- plans ---------------------------------------------------------------------
+
+
+def test_the_same_seed_draws_the_same_plans_and_another_seed_others():
+    options = {"fail_rate": 0.1, "transient_rate": 0.1, "duplicate_rate": 0.2}
+
+    assert plans(7, **options) == plans(7, **options)
+    assert plans(7, **options) != plans(8, **options)
+
+
+def test_without_rates_no_saga_gets_a_fault():
+    drawn = plans()
+
+    assert all(plan.chaos == {} and plan.duplicate_step is None for plan in drawn)
+
+
+def test_rates_give_the_expected_share_of_faults():
+    drawn = plans(
+        3,
+        fail_rate=0.07,
+        transient_rate=0.1,
+        compensation_fail_rate=0.2,
+        duplicate_rate=0.2,
+    )
+
+    failing = sum(1 for plan in drawn if plan.fails_at) / len(drawn)
+    duplicated = sum(1 for plan in drawn if plan.duplicate_step is not None) / len(drawn)
+    assert failing == pytest.approx(1 - 0.93**5, abs=0.04)  # 0.30
+    # A saga failing at its first action passes nothing that could be delivered twice.
+    assert duplicated == pytest.approx(0.2 * (1 - 0.07), abs=0.03)
+    reachable = sum(ACTIONS.index(p.fails_at) if p.fails_at else 5 for p in drawn)
+    transient = sum(plan.faults["transient"] for plan in drawn)
+    assert transient / reachable == pytest.approx(0.1, abs=0.02)
+    undoable = sum(ACTIONS.index(p.fails_at) for p in drawn if p.fails_at)
+    undo_faults = sum(plan.faults["compensation_transient"] for plan in drawn)
+    assert undo_faults / undoable == pytest.approx(0.2, abs=0.04)
+
+
+def test_each_plan_is_valid_and_injects_only_faults_that_can_happen():
+    for plan in plans(
+        5, fail_rate=0.1, transient_rate=0.3, compensation_fail_rate=0.3, duplicate_rate=0.5
+    ):
+        validate_plan(plan.chaos, actions=ACTIONS, compensations=trip_booking.compensation_names)
+        reach = ACTIONS.index(plan.fails_at) if plan.fails_at else len(ACTIONS)
+        assert plan.chaos.get("fail", []) == ([plan.fails_at] if plan.fails_at else [])
+        assert all(ACTIONS.index(step) < reach for step in plan.chaos.get("transient", {}))
+        assert all(n in (1, 2) for n in plan.chaos.get("transient", {}).values())
+        undone = {UNDO[step] for step in ACTIONS[:reach] if UNDO[step]}
+        assert set(plan.chaos.get("compensation_transient", {})) <= undone
+        if plan.duplicate_step is not None:
+            # The copy's step was passed, and the saga is held at the next one (not the last).
+            assert plan.duplicate_step < min(reach, len(ACTIONS) - 2)
+            assert plan.chaos["delay_ms"] == {ACTIONS[plan.duplicate_step + 1]: 300}
+        else:
+            assert "delay_ms" not in plan.chaos
+
+
+def test_fail_step_fails_every_saga_at_that_step_or_earlier():
+    drawn = plans(fail_step="reserve_car", fail_rate=0.05)
+
+    assert {plan.fails_at for plan in drawn} == {"reserve_flight", "reserve_hotel", "reserve_car"}
+    assert sum(plan.fails_at == "reserve_car" for plan in drawn) > 0.8 * len(drawn)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sagas": 0}, "--sagas must be a whole number of at least 1, not 0"),
+        ({"concurrency": -3}, "--concurrency must be a whole number of at least 1, not -3"),
+        ({"fail_rate": 1.5}, "--fail-rate must be a probability between 0 and 1, not 1.5"),
+        ({"transient_rate": -0.1}, "--transient-rate must be a probability between 0 and 1"),
+        ({"compensation_fail_rate": 2}, "--compensation-fail-rate must be a probability"),
+        ({"duplicate_rate": float("nan")}, "--duplicate-rate must be a probability"),
+        ({"fail_step": "reserve_boat"}, "--fail-step 'reserve_boat' is not a step"),
+        ({"topology": "split"}, "--topology split needs --workers"),
+        ({"kill_workers": 1}, "--kill-workers needs --workers"),
+        ({"workers": 2, "kill_workers": 101}, "--kill-workers must be at most 100, not 101"),
+        ({"sagas": 3, "workers": 1, "kill_workers": 4}, "--kill-workers must be at most 3"),
+        ({"restart_broker": True}, "--restart-broker needs --workers"),
+        ({"workers": 17}, "--workers must be at most 16, not 17"),
+        ({"timeout": 0}, "--timeout must be more than 0 seconds, not 0"),
+        ({"capacity": 0}, "--capacity must be a whole number of at least 1, not 0"),
+        ({"json_path": "/no/such/dir/report.json"}, "--json /no/such/dir/report.json: directory"),
+    ],
+)
+def test_invalid_options_are_refused_naming_the_flag(options, message):
+    with pytest.raises(ChaosConfigError) as raised:
+        ChaosOptions(**options).validate(actions=ACTIONS)
+
+    assert message in str(raised.value)
+
+
+def test_valid_options_pass(tmp_path):
+    ChaosOptions(
+        sagas=10,
+        workers=1,
+        topology="split",
+        kill_workers=2,
+        restart_broker=True,
+        fail_step="charge_payment",
+        json_path=str(tmp_path / "report.json"),
+    ).validate(actions=ACTIONS)
+
+
+# --- the order of compensations --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "steps_done", "compensations", "problem"),
+    [
+        ("COMPENSATED", 3, ["release_car", "release_hotel", "release_flight"], None),
+        # The charge timed out: its outcome is unknown, so it is refunded first.
+        (
+            "COMPENSATED",
+            3,
+            ["refund_payment", "release_car", "release_hotel", "release_flight"],
+            None,
+        ),
+        ("COMPENSATED", 3, ["release_hotel", "release_car", "release_flight"], "expected"),
+        ("COMPENSATED", 3, ["release_car", "release_hotel"], "expected"),
+        ("FAILED", 3, ["release_car"], None),
+        ("FAILED", 3, ["release_hotel"], "prefix"),
+        ("COMPLETED", 5, ["release_flight"], "COMPLETED but compensated"),
+    ],
+)
+def test_compensations_must_reverse_the_actions(status, steps_done, compensations, problem):
+    found = compensation_order_problem(
+        definition=trip_booking,
+        status=status,
+        steps_done=steps_done,
+        actions=ACTIONS[:steps_done],
+        compensations=compensations,
+    )
+
+    assert (found is None) if problem is None else (problem in found)
+
+
+def test_an_extra_compensation_is_allowed_only_for_a_step_without_a_succeeded_action():
+    found = compensation_order_problem(
+        definition=trip_booking,
+        status="COMPENSATED",
+        steps_done=2,
+        actions=ACTIONS[:2],
+        compensations=["release_car", "release_car", "release_hotel", "release_flight"],
+    )
+
+    assert "expected ['release_hotel', 'release_flight']" in found
