@@ -31,22 +31,22 @@ def saga_task(name: str, saga_id: str) -> Signature:
 
 def action_signature(definition: SagaDefinition, index: int, saga_id: str) -> Signature:
     """Step ``index``'s action for one saga, with its errback."""
-    return signature(
-        definition.action_task_name(index),
-        kwargs={"saga_id": saga_id},
-        immutable=True,
-        queue=definition.steps[index].queue,
-    ).on_error(saga_task(STEP_FAILED, saga_id))
+    return _step(definition.action_task_name(index), definition, index, saga_id, STEP_FAILED)
 
 
 def compensation_signature(definition: SagaDefinition, index: int, saga_id: str) -> Signature:
     """Step ``index``'s compensation for one saga, with its errback."""
+    name = definition.compensation_task_name(index)
+    return _step(name, definition, index, saga_id, COMPENSATION_FAILED)
+
+
+def _step(name: str, definition: SagaDefinition, index: int, saga_id: str, errback: str):
     return signature(
-        definition.compensation_task_name(index),
+        name,
         kwargs={"saga_id": saga_id},
         immutable=True,
         queue=definition.steps[index].queue,
-    ).on_error(saga_task(COMPENSATION_FAILED, saga_id))
+    ).on_error(saga_task(errback, saga_id))
 
 
 def action_chain(definition: SagaDefinition, saga_id: str, start: int = 0) -> Signature:

@@ -15,6 +15,7 @@ Status = Saga.Status
 
 
 def saga_get(*, saga_id) -> Saga:
+    """The saga, or ``SagaNotFound``."""
     saga = Saga.objects.filter(pk=saga_id).first()
     if saga is None:
         raise SagaNotFound(f"saga {saga_id} does not exist")
@@ -22,10 +23,12 @@ def saga_get(*, saga_id) -> Saga:
 
 
 def saga_log(*, saga_id) -> QuerySet[SagaLog]:
+    """Its history, oldest first: one row per step attempt and phase, plus operators' notes."""
     return SagaLog.objects.filter(saga_id=saga_id).order_by("started_at", "id")
 
 
 def saga_status(*, saga_id) -> str | None:
+    """Its status alone (one indexed read), or None if there is no such saga."""
     return Saga.objects.filter(pk=saga_id).values_list("status", flat=True).first()
 
 

@@ -1,4 +1,10 @@
-"""Writes of the saga engine. Every status change is a conditional UPDATE."""
+"""Writes of the saga engine. Every status change is a conditional UPDATE.
+
+The public entry points: ``saga_start`` (what a domain calls), the errback
+and finishing services the engine's tasks call, the recovery services beat
+runs (``sagas_reconcile_pending``, ``sagas_recover_stalled``), and the
+operator actions (``saga_retry_compensation``, ``saga_mark_resolved``).
+"""
 
 from __future__ import annotations
 
@@ -34,8 +40,19 @@ def saga_start(
 ) -> Saga:
     """Persist a PENDING saga in the caller's transaction; publish its chain after commit.
 
-    If the process dies between the commit and the publish, the reconciler
-    (``sagas.reconcile_pending`` on beat) publishes it.
+    - ``saga_type``: a registered :class:`~sagas.definitions.SagaDefinition`'s
+      name (``UnknownSagaType`` otherwise).
+    - ``business_key``: what the saga acts for, e.g. ``booking:<id>``
+      (searchable in the admin).
+    - ``context``: JSON the steps read (``saga.context``); its ``chaos`` key,
+      if any, is the saga's fault plan (``sagas.faults``).
+    - ``deadline_s``: overrides the definition's deadline.
+    - ``owner``: the user the saga acts for; the saga API shows it to them.
+
+    Call it inside the transaction that writes the domain's own rows, so the
+    saga exists exactly when they do. If the process dies between the commit
+    and the publish, the reconciler (``sagas.reconcile_pending`` on beat)
+    publishes it.
     """
     definition = registry.get(saga_type)
     now = timezone.now()
@@ -188,6 +205,7 @@ def sagas_recover_stalled(*, limit: int = 200) -> dict[str, int]:
 
 
 def saga_finish_compensation(*, saga_id) -> bool:
+    """Every compensation ran: COMPENSATING -> COMPENSATED, then the type's ``on_compensated``."""
     with transaction.atomic():
         saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
         done = saga is not None and saga.status == Status.COMPENSATING
@@ -280,6 +298,7 @@ def _finish(saga: Saga, status: str) -> None:
 
 
 def saga_log_note(*, saga: Saga, text: str) -> SagaLog:
+    """Append an operator's note (who did what) to the saga's history."""
     now = timezone.now()
     return SagaLog.objects.create(
         saga=saga,

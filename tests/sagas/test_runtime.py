@@ -10,22 +10,17 @@ Plain ``django_db``: no transaction commits, so nothing is ever published.
 
 from __future__ import annotations
 
-import uuid
-from decimal import Decimal
-from types import SimpleNamespace
-from typing import Any
+from functools import partial
 
 import pytest
 from celery.exceptions import Ignore, Retry
 
 from bookings.models import Booking
-from bookings.services import LineRequest, PaymentRequest, booking_create
 from inventory.models import Hold, Item
-from sagas.definitions import registry
 from sagas.errors import ChaosFailure, ChaosTransientError
 from sagas.models import Saga, SagaLog
-from sagas.runtime import run_action, run_compensation
 from sagas.services import saga_begin_compensation
+from tests.sagas.support import StandInTask, act, undo
 
 pytestmark = pytest.mark.django_db
 
@@ -35,58 +30,10 @@ ACTION = SagaLog.Phase.ACTION
 COMPENSATION = SagaLog.Phase.COMPENSATION
 
 
-class StandInTask:
-    """What the step wrapper reads from a bound Celery task: ``request`` and ``retry``.
-
-    ``retry`` records what it was asked and hands back the ``Retry`` that
-    Celery's own would raise, so the wrapper's ``raise task.retry(...)`` behaves
-    as in a worker.
-    """
-
-    def __init__(self, *, retries: int = 0) -> None:
-        self.request = SimpleNamespace(
-            retries=retries, id=str(uuid.uuid4()), hostname="test@runtime"
-        )
-        self.retry_calls: list[dict[str, Any]] = []
-
-    def retry(self, **kwargs: Any) -> Retry:
-        self.retry_calls.append(kwargs)
-        return Retry(exc=kwargs.get("exc"), when=kwargs.get("countdown"))
-
-
 @pytest.fixture
-def trip():
-    return registry.get("trip_booking")
-
-
-@pytest.fixture
-def book(customer, trip_items):
+def book(make_booking):
     """A booking of two flight seats, a hotel room and a car; its trip saga is PENDING."""
-
-    def make(chaos: dict[str, Any] | None = None) -> tuple[Booking, Saga]:
-        booking = booking_create(
-            user=customer,
-            customer_name="Alice Example",
-            customer_email="alice@example.com",
-            lines=[
-                LineRequest(sku="FL-TEST", quantity=2),
-                LineRequest(sku="HT-TEST", quantity=1),
-                LineRequest(sku="CR-TEST", quantity=1),
-            ],
-            payment=PaymentRequest(amount=Decimal("560.00"), currency="EUR", card_token="tok_ok"),
-            chaos=chaos,
-        )
-        return booking, Saga.objects.get(pk=booking.saga_id)
-
-    return make
-
-
-def act(trip, saga: Saga, step: str, task: StandInTask | None = None) -> dict:
-    return run_action(task or StandInTask(), trip, trip.index_of(step), str(saga.pk))
-
-
-def undo(trip, saga: Saga, step: str, task: StandInTask | None = None) -> dict:
-    return run_compensation(task or StandInTask(), trip, trip.index_of(step), str(saga.pk))
+    return partial(make_booking, flight_seats=2)
 
 
 def counts(sku: str) -> tuple[int, int, int]:
@@ -136,7 +83,7 @@ def test_the_first_run_of_an_action_has_its_effect_logs_success_and_moves_the_co
         1,
     )
     assert row.task_id == task.request.id
-    assert row.worker == "test@runtime"
+    assert row.worker == "test@sagas"
     assert row.result == {"held": [flight_line.hold_reference]}
     assert row.finished_at >= row.started_at
 

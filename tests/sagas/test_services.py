@@ -13,8 +13,6 @@ import json
 import threading
 import uuid
 from datetime import timedelta
-from decimal import Decimal
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,65 +22,21 @@ from django.db import connection
 from django.utils import timezone
 
 from bookings.models import Booking
-from bookings.services import LineRequest, PaymentRequest, booking_create
 from inventory.models import Hold
 from sagas import services
-from sagas.definitions import registry
 from sagas.errors import ChaosFailure, InvalidSagaState, SagaNotFound
 from sagas.models import Saga, SagaLog
-from sagas.runtime import run_action, run_compensation
 from tests.conftest import QUEUES, purge_broker
+from tests.sagas.support import StandInTask, act, undo
 
 Status = Saga.Status
 LogStatus = SagaLog.Status
 OPERATOR = SagaLog.Phase.OPERATOR
 
 
-class StandInTask:
-    """What the step wrapper reads from a bound Celery task; these tests expect no retry."""
-
-    def __init__(self, *, retries: int = 0) -> None:
-        self.request = SimpleNamespace(
-            retries=retries, id=str(uuid.uuid4()), hostname="test@services"
-        )
-
-    def retry(self, **_kwargs: Any):
-        raise AssertionError("no retry expected here")
-
-
 @pytest.fixture
-def trip():
-    return registry.get("trip_booking")
-
-
-@pytest.fixture
-def book(customer, trip_items):
-    """A booking of a flight seat, a hotel room and a car; its trip saga is PENDING."""
-
-    def make(chaos: dict[str, Any] | None = None) -> tuple[Booking, Saga]:
-        booking = booking_create(
-            user=customer,
-            customer_name="Alice Example",
-            customer_email="alice@example.com",
-            lines=[
-                LineRequest(sku="FL-TEST", quantity=1),
-                LineRequest(sku="HT-TEST", quantity=1),
-                LineRequest(sku="CR-TEST", quantity=1),
-            ],
-            payment=PaymentRequest(amount=Decimal("360.00"), currency="EUR", card_token="tok_ok"),
-            chaos=chaos,
-        )
-        return booking, Saga.objects.get(pk=booking.saga_id)
-
-    return make
-
-
-def act(trip, saga: Saga, step: str, task: StandInTask | None = None) -> dict:
-    return run_action(task or StandInTask(), trip, trip.index_of(step), str(saga.pk))
-
-
-def undo(trip, saga: Saga, step: str, task: StandInTask | None = None) -> dict:
-    return run_compensation(task or StandInTask(), trip, trip.index_of(step), str(saga.pk))
+def book(make_booking):
+    return make_booking
 
 
 def saga_row(status: str = Status.RUNNING, **fields: Any) -> Saga:
