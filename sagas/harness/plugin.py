@@ -14,6 +14,7 @@ its runs created; the bench's bare-chain baseline is optional.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -223,11 +224,11 @@ def delete_task_results(*, task_ids: list[str] = (), saga_ids: list[str] = (), s
     return deleted
 
 
-def _names_saga(kwargs_repr: str, saga_ids: set[str]) -> bool:
-    # result_extended stores kwargs as their repr: "{'saga_id': '…'}".
-    marker = "'saga_id': '"
-    start = kwargs_repr.find(marker)
-    if start < 0:
-        return False
-    start += len(marker)
-    return kwargs_repr[start : start + 36] in saga_ids
+# result_extended stores kwargs as their repr ("{'saga_id': '…'}") or, for
+# some failures, as JSON ('{"saga_id": "…"}').
+_SAGA_ID = re.compile(r"""saga_id['"]\s*:\s*['"]([0-9a-fA-F-]{36})""")
+
+
+def _names_saga(kwargs: str, saga_ids: set[str]) -> bool:
+    found = _SAGA_ID.search(kwargs)
+    return found is not None and found.group(1) in saga_ids

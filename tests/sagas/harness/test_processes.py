@@ -2,6 +2,7 @@
 
 import pytest
 
+from sagas.harness.plugin import _names_saga
 from sagas.harness.processes import database_url, describe_backends
 
 # --- worker processes ----------------------------------------------------------------
@@ -61,3 +62,15 @@ def test_a_run_names_its_database_and_broker_without_passwords():
         "postgresql database 'shop' on db.internal:5433; broker redis://:***@cache:6379/1"
     )
     assert "secret" not in described
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "\"{'saga_id': '0c6b1d2e-6a4f-4a8e-9a4b-1f2e3d4c5b6a'}\"",
+        '{"saga_id": "0c6b1d2e-6a4f-4a8e-9a4b-1f2e3d4c5b6a"}',
+    ],
+)
+def test_a_stored_result_is_traced_to_its_saga_whatever_the_kwargs_format(stored):
+    assert _names_saga(stored, {"0c6b1d2e-6a4f-4a8e-9a4b-1f2e3d4c5b6a"})
+    assert not _names_saga(stored, {"11111111-1111-1111-1111-111111111111"})
