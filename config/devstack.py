@@ -1,4 +1,4 @@
-"""Developer tooling used by the Makefile. Standard library only (and sagas.harness.redis_server).
+"""Developer tooling used by the Makefile: the standard library and sagas.harness.redis_server.
 
 python -m config.devstack redis-exec -- CMD [ARG...]
     Run CMD with REDIS_URL set. When REDIS_URL is not set already, start a

@@ -14,10 +14,11 @@ queues them as tasks of their own after the last retry.
 
 from __future__ import annotations
 
-from celery import chain, signature
+from celery import chain, current_app, signature
 from celery.canvas import Signature
 
 from sagas.definitions import SAGA_QUEUE, SagaDefinition
+from sagas.errors import StepTaskMissing
 
 STEP_FAILED = "sagas.step_failed"
 COMPENSATION_FAILED = "sagas.compensation_failed"
@@ -41,6 +42,14 @@ def compensation_signature(definition: SagaDefinition, index: int, saga_id: str)
 
 
 def _step(name: str, definition: SagaDefinition, index: int, saga_id: str, errback: str):
+    if name not in current_app.tasks:
+        # Published by name it would still go out, without the step's time
+        # limits and options, and no worker would know it: refuse it here.
+        raise StepTaskMissing(
+            f"task {name} is not registered: declare saga type {definition.name!r} in an "
+            "installed app's saga_steps module (its tasks are made once apps are ready), "
+            "or call sagas.tasks.register_step_tasks() after declaring it"
+        )
     return signature(
         name,
         kwargs={"saga_id": saga_id},

@@ -24,6 +24,12 @@ class UnknownSagaType(SagaError):
     code = "unknown_saga_type"
 
 
+class StepTaskMissing(SagaError):
+    """A chain names a step task this process never made (a type declared too late)."""
+
+    code = "step_task_missing"
+
+
 class SagaNotFound(SagaError):
     code = "saga_not_found"
 

@@ -1,6 +1,8 @@
 """The engine's Celery tasks: every saga type's step tasks, the errbacks, finishing, recovery.
 
-This is the only module of the engine that creates tasks. Step tasks are
+This is the only module of the engine's product path that creates tasks (the
+bench's no-op task in ``sagas/bench/tasks.py`` is loaded by bench workers
+alone, with ``--include``). Step tasks are
 made from the registry by :func:`register_step_tasks`, which the sagas app
 calls once every app's ``saga_steps`` module is imported; declaring a saga
 type builds none.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import threading
 import time
 from decimal import Decimal
@@ -30,12 +29,6 @@ def celery_worker(django_db_setup, django_db_blocker):
     from django.db import connections
 
     from config.celery_app import app
-
-    # The bench's own tasks (no-op chain, trip bare chain), which production
-    # workers never register: a bench run under test may hand some to this
-    # worker, and a worker knows only the tasks registered before it started.
-    importlib.import_module("sagas.bench.tasks")
-    importlib.import_module("bookings.harness.bare")
 
     closed = threading.Event()
 

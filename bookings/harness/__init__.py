@@ -149,6 +149,7 @@ class TripHarness(SagaHarness):
         ]
 
     # --- cleaning up -------------------------------------------------------------
+    @transaction.atomic  # all or nothing: never a booking left without its charge
     def cleanup(self) -> dict[str, int]:
         references = [f"booking:{booking_id}" for booking_id in self.booking_ids]
         counts: dict[str, int] = {}

@@ -1,7 +1,7 @@
 """The baseline: the trip's five steps as a bare Celery chain.
 
 The same domain writes as the trip saga's steps (``inventory.services``,
-``payments.services``, ``booking_move``), on the same queues, with the same
+``payments.services``, ``booking_move``), on the bench's own worker, with the same
 task options and the same result backend, each step in one transaction as the
 saga's wrapper runs it. What is left out is exactly the saga's bookkeeping: no
 Saga row, no SagaLog, no barrier, no status updates and no errback. The bench
@@ -31,6 +31,7 @@ from bookings.services import LineRequest, PaymentRequest, booking_move, booking
 from inventory import selectors as inventory_selectors
 from inventory import services as inventory
 from payments import services as payments
+from sagas.bench.tasks import BENCH_QUEUE
 
 PREFIX = "bench.bare"
 
@@ -130,8 +131,10 @@ TASK_NAMES = [f"{PREFIX}.{name}" for name, _queue, _timeout in STEPS]
 def bare_chain(*, booking_id: str, card_token: str, last_task_id: str):
     """The five tasks as ``chain(task.si(...), ...)``; the last one gets ``last_task_id``."""
     signatures = [
-        TASKS[name].si(booking_id=booking_id, card_token=card_token).set(queue=queue)
-        for name, queue, _ in STEPS
+        # The bench's queue, which only its worker consumes; the same worker
+        # consumes the saga's queues, so the hop costs the same.
+        TASKS[name].si(booking_id=booking_id, card_token=card_token).set(queue=BENCH_QUEUE)
+        for name, _queue, _ in STEPS
     ]
     signatures[-1] = signatures[-1].set(task_id=last_task_id, ignore_result=False)
     return chain(*signatures)

@@ -6,6 +6,7 @@ baseline; everything the run created is deleted at the end unless ``--keep``.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ from django.utils import timezone
 
 from sagas.bench import report as reporting
 from sagas.bench.sqlcount import count_sql, counting, time_steps
+from sagas.bench.tasks import BENCH_QUEUE
 from sagas.bench.throughput import (
     Bursts,
     Run,
@@ -50,7 +52,8 @@ from sagas.harness.processes import describe_backends, queues_of
 from sagas.models import Saga
 
 Echo = Callable[[str], None]
-STEP_TIMING_TRIPS = 20
+logger = logging.getLogger(__name__)
+STEP_TIMING_SAGAS = 20
 
 
 @dataclass(frozen=True)
@@ -110,14 +113,14 @@ class BenchConfig:
         return self.half_load_sagas if self.half_load_sagas is not None else max(1, self.sagas // 2)
 
     @property
-    def timed_trips(self) -> int:
-        return min(STEP_TIMING_TRIPS, self.sagas)
+    def timed_sagas(self) -> int:
+        return min(STEP_TIMING_SAGAS, self.sagas)
 
     @property
-    def trips_needed(self) -> int:
-        """Every booking the run makes (sagas and bare chains), for the stock check."""
+    def sagas_needed(self) -> int:
+        """Every saga and bare run the bench starts, for the plug-in to prepare for."""
         per_kind = 2 * (self.warmup + self.sagas + self.lone) + self.half_load_count
-        in_process = 3 + 2 * self.timed_trips  # SQL count, step timing
+        in_process = 3 + 2 * self.timed_sagas  # SQL count, step timing
         return per_kind + self.failure_count + 1 + in_process
 
 
@@ -155,11 +158,17 @@ def run_bench(config: BenchConfig, echo: Echo) -> dict[str, Any]:
 
 
 def _cleanup(harness: SagaHarness, bare_ids: list[str], since, echo: Echo) -> None:
-    counts = harness.cleanup()
-    counts["task_results"] = delete_task_results(
-        task_ids=bare_ids, saga_ids=harness.saga_ids, since=since
-    )
-    counts["sagas"] = delete_sagas(harness.saga_ids)
+    # After the worker stopped; sagas first, so nothing late acts on the rows below.
+    try:
+        counts = {"sagas": delete_sagas(harness.saga_ids)}
+        counts["task_results"] = delete_task_results(
+            task_ids=bare_ids, saga_ids=harness.saga_ids, since=since
+        )
+        counts.update(harness.cleanup())
+    except Exception as exc:  # the figures matter more than the clean-up
+        logger.warning("bench: cleaning up run %s failed", harness.run_id, exc_info=True)
+        echo(f"warning: could not delete what run {harness.run_id} created: {exc}")
+        return
     done = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) or "nothing"
     echo(f"cleaned up: {done} (pass --keep to keep them)")
 
@@ -175,14 +184,14 @@ def _run(
         "machine": reporting.machine(broker),
         "config": asdict(config),
     }
-    harness.prepare(sagas=config.trips_needed)
+    harness.prepare(sagas=config.sagas_needed)
 
     echo("counting SQL statements per step (in this process, through the step wrapper)")
     sql = count_sql(harness)
-    echo(f"timing the step bodies in this process ({config.timed_trips} sagas each way)")
-    in_process = time_steps(harness, sagas=config.timed_trips, offset=3)
+    echo(f"timing the step bodies in this process ({config.timed_sagas} sagas each way)")
+    in_process = time_steps(harness, sagas=config.timed_sagas, offset=3)
 
-    queues = queues_of(definition)
+    queues = (*queues_of(definition), BENCH_QUEUE)
     waiting = queued_messages(queues)
     if waiting and not config.purge:
         raise BenchError(
@@ -201,7 +210,7 @@ def _run(
             "bench's tasks: stop them, use another REDIS_URL, or pass --allow-foreign-workers"
         )
 
-    offset = 3 + 2 * config.timed_trips  # sagas started in this process so far
+    offset = 3 + 2 * config.timed_sagas  # sagas started in this process so far
     timeout = config.timeout
 
     def next_offset(count: int) -> int:

@@ -1,7 +1,9 @@
-"""Celery's own floor for the bench: chains of no-op tasks on a saga type's queues.
+"""Celery's own floor for the bench: chains of no-op tasks, one per step of a saga type.
 
-Only the bench's worker imports this module (``celery worker --include``);
-production workers never register these tasks.
+Only the bench's worker imports this module (``celery worker --include``) and
+consumes ``BENCH_QUEUE``, where the bench's own chains (no-op and bare) go:
+production workers never register these tasks, and a foreign worker on the
+same broker (``--allow-foreign-workers``) never receives one.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from django.conf import settings
 from sagas.definitions import SagaDefinition
 
 NOOP = "bench.noop"
+BENCH_QUEUE = "bench"
 
 
 @shared_task(
@@ -31,7 +34,7 @@ def noop(**_ignored: Any) -> dict[str, Any]:
 
 
 def noop_chain(definition: SagaDefinition, *, last_task_id: str) -> Signature:
-    """One no-op task per step of ``definition``, on the step's queue, touching no table."""
-    signatures = [noop.si(step=step.name).set(queue=step.queue) for step in definition.steps]
+    """One no-op task per step of ``definition``, touching no table."""
+    signatures = [noop.si(step=step.name).set(queue=BENCH_QUEUE) for step in definition.steps]
     signatures[-1] = signatures[-1].set(task_id=last_task_id, ignore_result=False)
     return chain(*signatures)

@@ -1,6 +1,7 @@
 """The Celery workers a bench run starts itself, measures and stops.
 
-``celery -A config worker -P prefork -c 2`` on the saga type's queues, as a
+``celery -A config worker -P prefork -c 2`` on the saga type's queues and the
+bench's own, as a
 subprocess in its own session, with the bench's own settings module, database
 and broker, and ``--include`` of the bench's own tasks (the no-op chain, the
 plug-in's bare chain), which production workers never register. It is

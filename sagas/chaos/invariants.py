@@ -76,7 +76,7 @@ def check_all_terminal(rows: RunRows, *, undispatched: int = 0) -> InvariantResu
         if saga["status"] not in Saga.TERMINAL:
             result.flag(saga_id, f"still {saga['status']} after step {saga['steps_done']}")
     if undispatched:
-        result.flag("(not dispatched)", f"{undispatched} booking(s) never started: timed out")
+        result.flag("(not dispatched)", f"{undispatched} saga(s) never started: timed out")
     return result
 
 

@@ -79,6 +79,7 @@ class ChaosOptions:
     keep: bool = False
     no_faults: bool = False
     default_faults: bool = False  # set by with_faults(): no fault flag was given
+    faults_given: bool = False  # a fault flag was on the command line, zero or not
 
     def with_faults(self) -> ChaosOptions:
         """These options, with the default fault mix if no fault flag was given.
@@ -90,7 +91,7 @@ class ChaosOptions:
             if given:
                 raise ChaosConfigError(f"--no-faults contradicts {', '.join(given)}")
             return self
-        if given or self.default_faults:
+        if given or self.faults_given or self.default_faults:
             return self
         return replace(self, **DEFAULT_FAULTS, default_faults=True)
 

@@ -124,7 +124,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(
             f"  broker stopped at {restart['stopped_at_s']}s, "
             f"back at {restart['restarted_at_s']}s; "
-            f"{restart['booked_while_down']} booking(s) made while it was down, "
+            f"{restart['booked_while_down']} saga(s) started while it was down, "
             f"{restart['requeued']} unacknowledged message(s) requeued"
         )
     recovery = report["recovery"]

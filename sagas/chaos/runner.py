@@ -1,12 +1,12 @@
 """A chaos run: start sagas with fault plans, keep them moving, break things, then check.
 
-While sagas run, the monitor loop tops bookings up to ``--concurrency`` open
+While sagas run, the monitor loop tops sagas up to ``--concurrency`` open
 sagas, publishes the planned second deliveries, kills worker pool processes
 and stops and restarts the broker on schedule, and every couple of seconds
 calls the reconciler and the stall sweeper itself, as beat would (no beat
 runs during a chaos run). When every saga is terminal, or the timeout is up,
-it stops its workers, checks the invariants and, unless ``--keep``, deletes
-what the run created (its sagas and the plug-in's domain rows).
+it stops its workers, checks the invariants and, if they held and unless
+``--keep``, deletes what the run created (its sagas, then the plug-in's rows).
 """
 
 from __future__ import annotations
@@ -162,8 +162,6 @@ class ChaosRun:
         self._say(f"faults: {self._faults_description()}")
         try:
             with ExitStack() as stack:
-                if not self.options.keep:
-                    stack.callback(self._cleanup)  # runs last: after the workers stopped
                 self._start_processes(stack, workdir)
                 self.harness.prepare(sagas=self.options.sagas, capacity=self.options.capacity)
                 self.progress = report.Progress(self.err, total=self.options.sagas)
@@ -178,8 +176,19 @@ class ChaosRun:
                 result = self._report()
         except (WorkerError, ChaosError) as exc:
             remove_workdir(workdir)
+            if not self.options.keep:
+                self._cleanup()
             raise ChaosError(str(exc)) from None
-        result["cleanup"] = self.cleaned if self.cleaned is not None else "kept (--keep)"
+        # After the run's workers stopped. A failed run keeps its rows: they are
+        # what its report's offenders point at.
+        if self.options.keep:
+            result["cleanup"] = "kept (--keep)"
+        elif not result["passed"]:
+            result["cleanup"] = "kept: the run failed, its rows are the evidence"
+            self._say(f"kept what run {self.run_id} created: an invariant failed")
+        else:
+            self._cleanup()
+            result["cleanup"] = self.cleaned if self.cleaned is not None else "failed"
         if result["passed"] or not (self.pool or self.broker):
             remove_workdir(workdir)
         else:
@@ -232,11 +241,13 @@ class ChaosRun:
         """Delete what the run created, so the demo's catalogue and admin are as they were."""
         saga_ids = self.harness.saga_ids
         try:
-            counts = self.harness.cleanup()
+            # Sagas first: a late copy of one of their steps then finds no saga
+            # and does nothing, so no domain row appears behind the clean-up.
+            counts = {"sagas": delete_sagas(saga_ids)}
             counts["task_results"] = delete_task_results(
                 task_ids=self.duplicate_ids, saga_ids=saga_ids, since=self.began
             )
-            counts["sagas"] = delete_sagas(saga_ids)
+            counts.update(self.harness.cleanup())
         except Exception as exc:  # the report still matters more than the clean-up
             logger.warning("chaos: cleaning up run %s failed", self.run_id, exc_info=True)
             self._say(f"warning: could not delete what run {self.run_id} created: {exc}")
@@ -372,11 +383,8 @@ class ChaosRun:
         except Exception:
             self.recovery["errors"] += 1
             logger.warning("chaos: the reconciler failed; trying again", exc_info=True)
-        sweep = getattr(saga_services, "sagas_recover_stalled", None)
-        if sweep is None:
-            return
         try:
-            counts = sweep() or {}
+            counts = saga_services.sagas_recover_stalled() or {}
         except Exception:
             self.recovery["errors"] += 1
             logger.warning("chaos: the stall sweeper failed; trying again", exc_info=True)
@@ -479,7 +487,7 @@ class ChaosRun:
                 "republished": self.recovery["republished"],
                 "stalled": dict(self.recovery["stalled"]),
                 "errors": self.recovery["errors"],
-                "sweeper": hasattr(saga_services, "sagas_recover_stalled"),
+                "sweeper": True,
             },
             "invariants": [check.as_dict() for check in checks],
             "passed": all(check.passed for check in checks),

@@ -195,10 +195,15 @@ def unpublished_saga(
 
 
 def delete_sagas(saga_ids: list[str]) -> int:
-    """Delete a run's sagas with their logs; returns how many sagas."""
+    """Delete a run's sagas with their logs; returns how many sagas.
+
+    Each chunk is locked first, so a step still holding one of them finishes
+    before it goes, and a step arriving later finds no saga and does nothing.
+    """
     deleted = 0
     for chunk in chunks([str(saga_id) for saga_id in saga_ids]):
         with transaction.atomic():
+            list(Saga.objects.select_for_update().filter(pk__in=chunk).values_list("pk"))
             deleted += Saga.objects.filter(pk__in=chunk).delete()[1].get(Saga._meta.label, 0)
     return deleted
 

@@ -289,6 +289,6 @@ def test_open_and_failed_sagas_are_flagged(trips):
     results = check_run(saga_ids=[running.id, failed.id], undispatched=3)
 
     assert results[0].offenders == [str(running.id), "(not dispatched)"]
-    assert results[0].details["(not dispatched)"] == "3 booking(s) never started: timed out"
+    assert results[0].details["(not dispatched)"] == "3 saga(s) never started: timed out"
     assert results[1].offenders == [str(failed.id)]
     assert results[-1].passed  # a FAILED saga's partial compensation is a prefix: in order

@@ -4,7 +4,7 @@ import pytest
 
 from bookings import services
 from bookings.errors import InvalidBooking, PaymentMismatch, UnknownSku
-from bookings.models import Booking
+from bookings.models import Booking, BookingLine
 from sagas.models import Saga
 
 pytestmark = pytest.mark.django_db
@@ -77,3 +77,14 @@ def test_a_booking_without_valid_lines_is_refused(customer, trip_items, lines, m
 def test_a_chaos_plan_naming_an_unknown_step_is_refused(customer, trip_items):
     with pytest.raises(InvalidBooking, match=r"chaos\.fail names unknown steps \['reserve_boat'\]"):
         create(customer, [line("FL-TEST")], pay("200.00"), chaos={"fail": ["reserve_boat"]})
+
+
+def test_bookings_purge_deletes_the_bookings_with_their_lines_only(customer, trip_items):
+    doomed = create(customer, [line("FL-TEST"), line("HT-TEST")], pay("320.00"))
+    kept = create(customer, [line("CR-TEST")], pay("40.00"))
+
+    assert services.bookings_purge(booking_ids=[doomed.id]) == 1
+
+    assert list(Booking.objects.values_list("id", flat=True)) == [kept.id]
+    assert BookingLine.objects.filter(booking_id=doomed.id).count() == 0
+    assert BookingLine.objects.filter(booking=kept).count() == 1

@@ -278,3 +278,15 @@ def test_eight_concurrent_holds_on_the_last_seat_sell_it_exactly_once(make_item)
     assert sorted(outcomes) == ["held"] + ["out_of_stock"] * 7
     assert counts(item) == (0, 1, 0)
     assert Hold.objects.filter(item=item).count() == 1
+
+
+def test_items_purge_deletes_the_items_and_their_holds_and_nothing_else(make_item):
+    doomed, kept = make_item(), make_item()
+    services.hold_place(sku=doomed.sku, quantity=1, reference="purge:1")
+    services.hold_place(sku=kept.sku, quantity=1, reference="purge:2")
+
+    counts = services.items_purge(skus=[doomed.sku])
+
+    assert counts == {"holds": 1, "items": 1}
+    assert not Item.objects.filter(sku=doomed.sku).exists()
+    assert list(Hold.objects.values_list("reference", flat=True)) == ["purge:2"]

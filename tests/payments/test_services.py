@@ -219,3 +219,16 @@ def test_concurrent_refunds_of_one_charge_refund_it_once(key):
     assert len(refund_ids) == 4
     assert len(set(refund_ids)) == 1
     assert selectors.ledger_balance() == Decimal("0.00")
+
+
+def test_charges_purge_deletes_a_references_charges_refunds_and_ledger_entries(key):
+    refunded = charge(key(), reference="booking:purge")
+    services.charge_refund(idempotency_key=refunded.idempotency_key)
+    kept = charge(key(), reference="booking:kept")
+
+    counts = services.charges_purge(references=["booking:purge"])
+
+    assert counts == {"ledger_entries": 2, "refunds": 1, "charges": 1}
+    assert list(Charge.objects.values_list("pk", flat=True)) == [kept.pk]
+    assert LedgerEntry.objects.filter(charge=kept).count() == 1
+    assert not Refund.objects.exists()

@@ -1,7 +1,10 @@
 """The chain builder: signatures by task name, saga id explicit, errbacks on every step."""
 
+import pytest
+
 from sagas.canvas import action_chain, compensation_chain
-from sagas.definitions import registry
+from sagas.definitions import SagaDefinition, Step, registry
+from sagas.errors import StepTaskMissing
 
 
 def test_compensations_are_queued_newest_first_then_the_finish():
@@ -36,3 +39,10 @@ def test_every_step_signature_is_immutable_carries_the_saga_id_and_an_errback():
         [errback] = sig.options["link_error"]
         assert errback["task"] == "sagas.step_failed"
         assert errback["kwargs"] == {"saga_id": saga_id}
+
+
+def test_a_chain_of_a_type_whose_tasks_were_never_made_is_refused(scratch_registry):
+    late = SagaDefinition("late_saga", steps=[Step("only", lambda saga: None)])
+
+    with pytest.raises(StepTaskMissing, match=r"task late_saga\.only is not registered"):
+        action_chain(late, "00000000-0000-0000-0000-000000000003")

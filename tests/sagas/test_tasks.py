@@ -1,6 +1,5 @@
 """Step tasks are made from the registry, with the options the barrier relies on."""
 
-import pytest
 from celery import current_app
 
 from sagas import tasks
@@ -9,15 +8,6 @@ from sagas.definitions import SagaDefinition, Step, registry
 
 def noop(saga):
     return None
-
-
-@pytest.fixture
-def scratch_registry():
-    """Declarations made by a test leave the global registry as it was."""
-    saved = dict(registry._definitions)
-    yield registry
-    registry._definitions.clear()
-    registry._definitions.update(saved)
 
 
 def test_declaring_a_saga_type_builds_no_task_and_registering_builds_its_steps(

@@ -45,7 +45,7 @@ class Command(BaseCommand):
             "--saga-type", metavar="NAME", help="the saga type to bench [trip_booking]"
         )
         parser.add_argument("--sagas", type=int, help="sagas (and bare chains) per burst [500]")
-        parser.add_argument("--submitters", type=int, help="threads submitting bookings [4]")
+        parser.add_argument("--submitters", type=int, help="threads starting sagas [4]")
         parser.add_argument("--lone", type=int, help="sagas run one at a time [50]")
         parser.add_argument("--failures", type=int, help="sagas failing at the last step [100]")
         parser.add_argument(
@@ -69,7 +69,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--keep",
             action="store_true",
-            help="keep the run's sagas, stock and bookings (default: delete them at the end)",
+            help="keep what the run created (default: delete it at the end)",
         )
         parser.add_argument("--json", metavar="PATH", help="write the report to PATH as JSON")
         parser.add_argument(

@@ -42,7 +42,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--fail-rate",
             type=float,
-            default=0.0,
+            default=None,
             metavar="P",
             help="probability that a given action fails for good (per action)",
         )
@@ -52,21 +52,21 @@ class Command(BaseCommand):
         parser.add_argument(
             "--transient-rate",
             type=float,
-            default=0.0,
+            default=None,
             metavar="P",
             help="probability that an action fails 1-2 times before it succeeds (per action)",
         )
         parser.add_argument(
             "--compensation-fail-rate",
             type=float,
-            default=0.0,
+            default=None,
             metavar="P",
             help="probability that a compensation fails 1-2 times before it succeeds",
         )
         parser.add_argument(
             "--duplicate-rate",
             type=float,
-            default=0.0,
+            default=None,
             metavar="P",
             help="probability that a saga gets one step message delivered a second time",
         )
@@ -81,13 +81,13 @@ class Command(BaseCommand):
             "--topology",
             choices=TOPOLOGIES,
             default="shared",
-            help="with --workers: 'split' starts K workers per context queue "
-            "(inventory, payments, bookings, sagas) instead of K on every queue",
+            help="with --workers: 'split' starts K workers per queue of the saga type "
+            "(trips: inventory, payments, bookings, sagas) instead of K on every queue",
         )
         parser.add_argument(
             "--kill-workers",
             type=int,
-            default=0,
+            default=None,
             metavar="M",
             help="with --workers: SIGKILL a worker's pool process M times, spread over the run "
             "(prefork starts a new one; the task is delivered again)",
@@ -101,7 +101,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--capacity",
             type=int,
-            help="units of each item (default: one per saga, so no booking runs out)",
+            help="for plug-ins with stock (trips): units of each item (default: one per saga)",
         )
         parser.add_argument(
             "--timeout",
@@ -118,7 +118,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--keep",
             action="store_true",
-            help="keep the run's sagas, stock and bookings for inspection (default: delete them)",
+            help="keep what the run created for inspection (default: delete it if the run passed)",
         )
         parser.add_argument(
             "--json",
@@ -129,6 +129,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options) -> None:
+        rates = ("fail_rate", "transient_rate", "compensation_fail_rate", "duplicate_rate")
+        given = [name for name in (*rates, "kill_workers") if options[name] is not None]
+        for name in (*rates, "kill_workers"):
+            options[name] = options[name] or 0
         chaos_options = ChaosOptions(
             saga_type=options["saga_type"],
             sagas=options["sagas"],
@@ -148,6 +152,7 @@ class Command(BaseCommand):
             capacity=options["capacity"],
             keep=options["keep"],
             no_faults=options["no_faults"],
+            faults_given=bool(given or options["fail_step"] or options["restart_broker"]),
         )
         try:
             result = run_chaos(options=chaos_options, out=self.stdout, err=self.stderr)

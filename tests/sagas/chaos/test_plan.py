@@ -166,3 +166,13 @@ def test_an_extra_compensation_is_allowed_only_for_a_step_without_a_succeeded_ac
     )
 
     assert "expected ['release_hotel', 'release_flight']" in found
+
+
+def test_no_fault_flag_means_the_default_mix_and_a_zero_flag_means_none():
+    assert ChaosOptions().with_faults().default_faults is True
+    assert ChaosOptions().with_faults().fail_rate == 0.05
+    given_zero = ChaosOptions(faults_given=True).with_faults()
+    assert (given_zero.fail_rate, given_zero.default_faults) == (0.0, False)
+    assert ChaosOptions(no_faults=True).with_faults().fail_rate == 0.0
+    with pytest.raises(ChaosConfigError, match="--no-faults contradicts --duplicate-rate"):
+        ChaosOptions(no_faults=True, duplicate_rate=0.1).with_faults()

@@ -177,7 +177,6 @@ def test_a_run_that_times_out_lists_the_open_sagas_and_fails(celery_worker, tmp_
                 "chaos",
                 "--sagas=3",
                 "--timeout=1",
-                "--keep",
                 f"--json={path}",
                 stdout=out,
                 stderr=StringIO(),
@@ -191,6 +190,8 @@ def test_a_run_that_times_out_lists_the_open_sagas_and_fails(celery_worker, tmp_
     [terminal] = [check for check in report["invariants"] if check["name"] == "all_terminal"]
     assert report["timed_out"] is True
     assert report["passed"] is False
+    # A failed run keeps its rows, which its offenders point at.
+    assert report["cleanup"] == "kept: the run failed, its rows are the evidence"
     assert len(terminal["offenders"]) == 3
     assert set(terminal["offenders"]) == {str(saga_id) for saga_id in run_saga_ids(report)}
     assert "FAIL  every saga reached COMPLETED, COMPENSATED or FAILED" in out.getvalue()
