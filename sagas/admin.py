@@ -16,7 +16,6 @@ import uuid
 from datetime import timedelta
 
 from django import forms
-from django.apps import apps
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.admin.utils import unquote
@@ -268,9 +267,6 @@ def task_result_url(task_result_pk) -> str:
 
 def with_task_results(queryset):
     """Annotate each log row with its TaskResult's pk, in the same single query."""
-    if not apps.is_installed("django_celery_results"):
-        return queryset
-
     return queryset.annotate(
         task_result_pk=Subquery(
             TaskResult.objects.filter(task_id=OuterRef("task_id")).values("pk")[:1]

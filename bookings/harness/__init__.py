@@ -9,6 +9,7 @@ harness (``sagas.chaos``, ``sagas.bench``) does everything else.
 
 from __future__ import annotations
 
+from collections import Counter
 from decimal import Decimal
 from typing import Any
 
@@ -29,7 +30,7 @@ from bookings.services import (
 )
 from inventory import services as inventory_services
 from payments import services as payment_services
-from sagas.harness.plugin import BareStep, InvariantResult, SagaHarness, unpublished_saga
+from sagas.harness.plugin import BareStep, InvariantResult, SagaHarness, chunks, unpublished_saga
 
 # One item of each kind per stock line: (SKU code, kind, name, price).
 KINDS = [
@@ -151,15 +152,10 @@ class TripHarness(SagaHarness):
     # --- cleaning up -------------------------------------------------------------
     @transaction.atomic  # all or nothing: never a booking left without its charge
     def cleanup(self) -> dict[str, int]:
-        references = [f"booking:{booking_id}" for booking_id in self.booking_ids]
-        counts: dict[str, int] = {}
-        for start in range(0, len(references), 500):
-            part = payment_services.charges_purge(references=references[start : start + 500])
-            for key, value in part.items():
-                counts[key] = counts.get(key, 0) + value
-        counts["bookings"] = 0
-        for start in range(0, len(self.booking_ids), 500):
-            counts["bookings"] += bookings_purge(booking_ids=self.booking_ids[start : start + 500])
+        counts: Counter = Counter()
+        for ids in chunks(self.booking_ids):
+            counts.update(payment_services.charges_purge(references=[f"booking:{i}" for i in ids]))
+            counts["bookings"] += bookings_purge(booking_ids=ids)
         counts.update(inventory_services.items_purge(skus=self.all_skus))
         if (
             self.user_created
@@ -168,4 +164,4 @@ class TripHarness(SagaHarness):
         ):
             self.user.delete()
         self.booking_ids.clear()
-        return counts
+        return dict(counts)

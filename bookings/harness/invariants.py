@@ -8,6 +8,7 @@ through the inventory and payments selectors.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -51,6 +52,17 @@ class TripRows:
             holds.update(inventory_selectors.holds_by_reference(references=chunk))
         return cls(sagas=sagas, bookings=bookings, holds=holds, skus=skus)
 
+    def bookings_of(self, status: str, result: InvariantResult) -> Iterator[tuple[str, Booking]]:
+        """(saga id, booking) of every saga with ``status``; a saga without one is flagged."""
+        for saga_id, saga in self.sagas.items():
+            if saga["status"] != status:
+                continue
+            booking = self.bookings.get(saga_id)
+            if booking is None:
+                result.flag(saga_id, "no booking")
+                continue
+            yield saga_id, booking
+
 
 def check_trips(*, saga_ids: list[str], skus: list[str]) -> list[InvariantResult]:
     rows = TripRows.load(saga_ids=saga_ids, skus=skus)
@@ -67,13 +79,7 @@ def check_completed(rows: TripRows) -> InvariantResult:
         "completed_consistent",
         "COMPLETED: every hold confirmed, exactly one capture of the total, booking CONFIRMED",
     )
-    for saga_id, saga in rows.sagas.items():
-        if saga["status"] != Status.COMPLETED:
-            continue
-        booking = rows.bookings.get(saga_id)
-        if booking is None:
-            result.flag(saga_id, "no booking")
-            continue
+    for saga_id, booking in rows.bookings_of(Status.COMPLETED, result):
         if booking.status != Booking.Status.CONFIRMED:
             result.flag(saga_id, f"booking is {booking.status}")
         for line in booking.lines.all():
@@ -98,13 +104,7 @@ def check_compensated(rows: TripRows) -> InvariantResult:
         "compensated_consistent",
         "COMPENSATED: no live hold, charges - refunds = 0, booking not confirmed",
     )
-    for saga_id, saga in rows.sagas.items():
-        if saga["status"] != Status.COMPENSATED:
-            continue
-        booking = rows.bookings.get(saga_id)
-        if booking is None:
-            result.flag(saga_id, "no booking")
-            continue
+    for saga_id, booking in rows.bookings_of(Status.COMPENSATED, result):
         if booking.status == Booking.Status.CONFIRMED:
             result.flag(saga_id, "booking is CONFIRMED")
         for line in booking.lines.all():

@@ -6,7 +6,6 @@ baseline; everything the run created is deleted at the end unless ``--keep``.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -44,15 +43,13 @@ from sagas.errors import UnknownSagaType
 from sagas.harness.plugin import (
     HarnessError,
     SagaHarness,
-    delete_sagas,
-    delete_task_results,
+    clean_up_run,
     harness_for,
 )
 from sagas.harness.processes import describe_backends, queues_of
 from sagas.models import Saga
 
 Echo = Callable[[str], None]
-logger = logging.getLogger(__name__)
 STEP_TIMING_SAGAS = 20
 
 
@@ -154,23 +151,7 @@ def run_bench(config: BenchConfig, echo: Echo) -> dict[str, Any]:
         if config.keep:
             echo(f"kept what run {run_id} created (--keep)")
         else:
-            _cleanup(harness, bare_ids, started, echo)
-
-
-def _cleanup(harness: SagaHarness, bare_ids: list[str], since, echo: Echo) -> None:
-    # After the worker stopped; sagas first, so nothing late acts on the rows below.
-    try:
-        counts = {"sagas": delete_sagas(harness.saga_ids)}
-        counts["task_results"] = delete_task_results(
-            task_ids=bare_ids, saga_ids=harness.saga_ids, since=since
-        )
-        counts.update(harness.cleanup())
-    except Exception as exc:  # the figures matter more than the clean-up
-        logger.warning("bench: cleaning up run %s failed", harness.run_id, exc_info=True)
-        echo(f"warning: could not delete what run {harness.run_id} created: {exc}")
-        return
-    done = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) or "nothing"
-    echo(f"cleaned up: {done} (pass --keep to keep them)")
+            clean_up_run(harness, task_ids=bare_ids, since=started, say=echo)
 
 
 def _run(

@@ -41,7 +41,7 @@ from sagas.bench import report as reporting
 from sagas.bench.workers import BenchError, broker_url
 from sagas.definitions import SagaDefinition, registry
 from sagas.errors import UnknownSagaType
-from sagas.harness.plugin import HarnessError, harness_for
+from sagas.harness.plugin import HarnessError, harness_class
 from sagas.models import Saga, SagaLog
 
 Echo = Callable[[str], None]
@@ -71,7 +71,7 @@ def seed_mix(saga_type: str) -> dict[str, float]:
     mix = {saga_type: 1.0}
     if definition.harness:
         try:
-            mix = harness_for(saga_type, purpose="seed", run_id="seed").seed_mix or mix
+            mix = harness_class(definition).seed_mix or mix
         except HarnessError as exc:
             raise ValueError(f"--saga-type: {exc}") from None
     for name in mix:

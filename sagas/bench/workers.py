@@ -24,8 +24,7 @@ from celery import current_app
 from celery.utils.nodenames import host_format
 from django.conf import settings
 
-from sagas.harness.processes import celery_command as celery_executable
-from sagas.harness.processes import child_pids, die_with_parent, worker_environment
+from sagas.harness.processes import child_pids, die_with_parent, worker_argv, worker_environment
 
 BENCH_TASKS = "sagas.bench.tasks"
 NODE_NAME = "bench@%h"
@@ -49,26 +48,9 @@ def broker_url() -> str:
 def celery_command(
     concurrency: int, *, queues: tuple[str, ...], includes: tuple[str, ...] = ()
 ) -> list[str]:
-    return [
-        *celery_executable(),
-        "-A",
-        "config",
-        "worker",
-        "-P",
-        "prefork",
-        "-c",
-        str(concurrency),
-        "-Q",
-        ",".join(queues),
-        "--include",
-        ",".join((BENCH_TASKS, *includes)),
-        "-n",
-        NODE_NAME,
-        "--without-gossip",
-        "--without-mingle",
-        "--loglevel",
-        "WARNING",
-    ]
+    return worker_argv(
+        name=NODE_NAME, queues=queues, concurrency=concurrency, includes=(BENCH_TASKS, *includes)
+    )
 
 
 def rss_kb(pid: int) -> int:

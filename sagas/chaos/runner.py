@@ -53,8 +53,7 @@ from sagas.harness.plugin import (
     HarnessError,
     SagaHarness,
     chunks,
-    delete_sagas,
-    delete_task_results,
+    clean_up_run,
     harness_for,
 )
 from sagas.harness.processes import describe_backends, queues_of
@@ -239,22 +238,9 @@ class ChaosRun:
 
     def _cleanup(self) -> None:
         """Delete what the run created, so the demo's catalogue and admin are as they were."""
-        saga_ids = self.harness.saga_ids
-        try:
-            # Sagas first: a late copy of one of their steps then finds no saga
-            # and does nothing, so no domain row appears behind the clean-up.
-            counts = {"sagas": delete_sagas(saga_ids)}
-            counts["task_results"] = delete_task_results(
-                task_ids=self.duplicate_ids, saga_ids=saga_ids, since=self.began
-            )
-            counts.update(self.harness.cleanup())
-        except Exception as exc:  # the report still matters more than the clean-up
-            logger.warning("chaos: cleaning up run %s failed", self.run_id, exc_info=True)
-            self._say(f"warning: could not delete what run {self.run_id} created: {exc}")
-            return
-        self.cleaned = counts
-        done = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) or "nothing to delete"
-        self._say(f"cleaned up: {done} (pass --keep to keep them)")
+        self.cleaned = clean_up_run(
+            self.harness, task_ids=self.duplicate_ids, since=self.began, say=self._say
+        )
 
     def _loop(self, progress: report.Progress) -> None:
         self.started = time.monotonic()

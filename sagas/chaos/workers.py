@@ -26,7 +26,7 @@ from kombu import pools
 from kombu.utils.collections import eqhash
 
 from sagas.harness import processes
-from sagas.harness.processes import celery_command, child_pids, die_with_parent
+from sagas.harness.processes import child_pids, die_with_parent, worker_argv
 from sagas.harness.redis_server import (
     HOST,
     LocalRedis,
@@ -140,25 +140,7 @@ class WorkerPool:
         self._wait_ready()
 
     def _spawn(self, name: str, queues: tuple[str, ...], logfile: Path) -> subprocess.Popen:
-        argv = [
-            *celery_command(),
-            "-A",
-            "config",
-            "worker",
-            "-P",
-            "prefork",
-            "-c",
-            "1",
-            "-E",
-            "--without-gossip",
-            "--without-mingle",
-            "-n",
-            name,
-            "-Q",
-            ",".join(queues),
-            "--loglevel",
-            "WARNING",
-        ]
+        argv = worker_argv(name=name, queues=queues, concurrency=1, events=True)
         with logfile.open("ab") as log:
             return subprocess.Popen(  # noqa: S603 - our own fixed argv
                 argv,

@@ -14,6 +14,7 @@ its runs created; the bench's bare-chain baseline is optional.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from django_celery_results.models import TaskResult
 
 from sagas.definitions import SagaDefinition, registry
 from sagas.models import Saga
+
+logger = logging.getLogger(__name__)
 
 CHUNK = 500
 DETAILS_KEPT = 10
@@ -144,19 +147,20 @@ class SagaHarness:
         """The bare chain's step bodies for the ``index``-th bare run, to run in-process."""
         raise NotImplementedError
 
-    # --- helpers -----------------------------------------------------------------
     @property
     def has_bare_chain(self) -> bool:
         return bool(self.bare_task_names())
 
-    @property
-    def label(self) -> str:
-        return self.definition.name
-
 
 def harness_for(saga_type: str, *, purpose: str, run_id: str) -> SagaHarness:
-    """The plug-in of ``saga_type``; HarnessError naming the types that have one if it has none."""
+    """The plug-in of ``saga_type`` for one run; HarnessError if it has none."""
     definition = registry.get(saga_type)
+    return harness_class(definition)(definition, purpose=purpose, run_id=run_id)
+
+
+def harness_class(definition: SagaDefinition) -> type[SagaHarness]:
+    """The plug-in class a definition names; HarnessError naming the types that have one."""
+    saga_type = definition.name
     if not definition.harness:
         usable = [d.name for d in registry.all() if d.harness]
         raise HarnessError(
@@ -170,7 +174,7 @@ def harness_for(saga_type: str, *, purpose: str, run_id: str) -> SagaHarness:
         raise HarnessError(f"saga type {saga_type!r}: cannot import its plug-in: {exc}") from None
     if not (isinstance(plugin, type) and issubclass(plugin, SagaHarness)):
         raise HarnessError(f"{definition.harness} is not a sagas.harness.SagaHarness subclass")
-    return plugin(definition, purpose=purpose, run_id=run_id)
+    return plugin
 
 
 def unpublished_saga(
@@ -192,6 +196,31 @@ def unpublished_saga(
         dispatched_at=now,
         started_at=now,
     )
+
+
+def clean_up_run(
+    harness: SagaHarness, *, task_ids: list[str], since, say: Callable[[str], None]
+) -> dict[str, int] | None:
+    """Delete what a run created: its sagas, their stored results, the plug-in's rows.
+
+    Call it once the run's workers stopped. Sagas go first: a late copy of one
+    of their steps then finds no saga and does nothing, so no domain row can
+    appear behind the clean-up. Returns the counts by kind, or None (having
+    said why) if it failed: a run's report matters more than its clean-up.
+    """
+    try:
+        counts = {"sagas": delete_sagas(harness.saga_ids)}
+        counts["task_results"] = delete_task_results(
+            task_ids=task_ids, saga_ids=harness.saga_ids, since=since
+        )
+        counts.update(harness.cleanup())
+    except Exception as exc:
+        logger.warning("cleaning up run %s failed", harness.run_id, exc_info=True)
+        say(f"warning: could not delete what run {harness.run_id} created: {exc}")
+        return None
+    done = ", ".join(f"{n} {kind}" for kind, n in counts.items() if n) or "nothing to delete"
+    say(f"cleaned up: {done} (pass --keep to keep them)")
+    return counts
 
 
 def delete_sagas(saga_ids: list[str]) -> int:

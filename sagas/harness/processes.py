@@ -84,6 +84,25 @@ def queues_of(definition: SagaDefinition) -> tuple[str, ...]:
     return tuple(sorted({SAGA_QUEUE, *(step.queue for step in definition.steps)}))
 
 
+def worker_argv(
+    *,
+    name: str,
+    queues: tuple[str, ...],
+    concurrency: int,
+    includes: tuple[str, ...] = (),
+    events: bool = False,
+) -> list[str]:
+    """``celery -A config worker`` (prefork) for a harness: no gossip or mingle, warnings only."""
+    return [
+        *celery_command(),
+        *("-A", "config", "worker", "-P", "prefork", "-c", str(concurrency)),
+        *(("-E",) if events else ()),
+        *("-n", name, "-Q", ",".join(queues)),
+        *(("--include", ",".join(includes)) if includes else ()),
+        *("--without-gossip", "--without-mingle", "--loglevel", "WARNING"),
+    ]
+
+
 def celery_command() -> list[str]:
     """The `celery` of this virtualenv (or `python -m celery`)."""
     celery = Path(sys.executable).with_name("celery")
