@@ -137,6 +137,7 @@ STANDARD_ERRORS = {
     "401": "No valid credentials were sent.",
     "403": "These credentials may not do this.",
     "404": "There is no such resource, or it belongs to someone else.",
+    "415": "The body is not in a media type this operation accepts, or cannot be parsed as one.",
 }
 
 
@@ -153,6 +154,9 @@ def add_error_responses(result: dict, generator, request, public) -> dict:
             expected = []
             if method in {"post", "put", "patch"} or operation.get("parameters"):
                 expected.append("400")
+            if "requestBody" in operation:
+                # DRF's parsers answer 415 for a body they cannot read as its media type.
+                expected.append("415")
             if not anonymous:
                 expected += ["401", "403"]
             if "{" in path:

@@ -86,7 +86,7 @@ def test_the_openapi_schema_and_the_docs_are_served_without_external_assets(clie
         "/healthz",
     }
     create = paths["/api/bookings/"]["post"]["responses"]
-    assert set(create) == {"202", "400", "401", "403", "422"}
+    assert set(create) == {"202", "400", "401", "403", "415", "422"}
     assert create["422"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Error"
     }
