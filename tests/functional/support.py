@@ -77,3 +77,17 @@ def stock(items) -> dict[str, tuple[int, int, int]]:
             "sku", "available", "held", "sold"
         )
     }
+
+
+def gateway_books(reference: str) -> dict[str, Decimal]:
+    """Captured, refunded and net money for ``reference`` as the gateway itself records it."""
+    from payments.gateways import get_gateway
+
+    gateway = get_gateway()
+    charges = gateway.charges(reference=reference)
+    captured = sum((charge.amount for charge in charges), Decimal(0))
+    refunded = sum(
+        (refund.amount for charge in charges for refund in gateway.refunds(charge_id=charge.id)),
+        Decimal(0),
+    )
+    return {"captured": captured, "refunded": refunded, "net": captured - refunded}
