@@ -72,7 +72,7 @@ class GatewayTimeout(GatewayError):
 
     Retrying with the same idempotency key is safe (the gateway never charges a
     key twice); if the caller gives up, the effect must still be compensated,
-    which ``payments.services.charge_refund`` does by asking the gateway.
+    which ``payments.services.charge_undo`` does by settling it with the gateway.
     """
 
     code = "gateway_timeout"
@@ -103,4 +103,45 @@ class RefundExceedsCharge(GatewayError):
         return (
             f"Refund of {self.requested} on charge {self.charge_id!r} exceeds "
             f"the {self.refundable} still refundable."
+        )
+
+
+class ChargeVoided(GatewayError):
+    """Permanent: the idempotency key was voided, so it never charges anything.
+
+    ``Gateway.void`` settled the key while it had no charge; every later charge
+    request with that key is refused with this error.
+    """
+
+    code = "charge_voided"
+
+    def __init__(self, idempotency_key: str) -> None:
+        super().__init__(idempotency_key)
+        self.idempotency_key = idempotency_key
+
+    def __str__(self) -> str:
+        return (
+            f"The charge with idempotency key {self.idempotency_key!r} was voided; "
+            "nothing was charged."
+        )
+
+
+class GatewayChargePending(GatewayError):
+    """Transient: a capture for the key is still being processed by the gateway.
+
+    Its outcome is not known yet, so a void cannot settle it; asking again later
+    with the same key finds the charge once it has landed.
+    """
+
+    code = "gateway_charge_pending"
+    retryable = True
+
+    def __init__(self, idempotency_key: str) -> None:
+        super().__init__(idempotency_key)
+        self.idempotency_key = idempotency_key
+
+    def __str__(self) -> str:
+        return (
+            f"The capture for idempotency key {self.idempotency_key!r} is still being "
+            "processed; try again."
         )

@@ -48,8 +48,8 @@ CARD_TOKEN = "tok_ok"  # noqa: S105 - the fake gateway's card that always pays
 
 class TripHarness(SagaHarness):
     worker_includes = ("bookings.harness.bare",)
-    # The fake gateway keeps its books in the broker's Redis unless told otherwise.
-    follows_broker = ("PAYMENTS_FAKE_GATEWAY_URL",)
+    # No follows_broker: the fake gateway keeps its books on the broker's Redis
+    # server one database further, so it follows REDIS_URL by itself.
     seed_mix = {TRIP_BOOKING: 0.85, BOOKING_CANCELLATION: 0.15}
 
     def __init__(self, definition, *, purpose: str, run_id: str) -> None:

@@ -209,6 +209,20 @@ SAGA_STALL_GRACE_S = env_int("SAGA_STALL_GRACE_S", 10, minimum=1)
 # --- Payments ---------------------------------------------------------------
 PAYMENTS_GATEWAY = os.environ.get("PAYMENTS_GATEWAY", "payments.gateways.fake.FakeGateway")
 PAYMENTS_CURRENCIES = env_list("PAYMENTS_CURRENCIES", "EUR,USD,GBP")
+# The fake gateway (payments/gateways/fake.py) keeps its books in Redis: in
+# PAYMENTS_FAKE_GATEWAY_URL when a settings module sets one, otherwise in
+# REDIS_URL's server, database number + 1 (redis://h:6379/0 -> /1), so that a
+# FLUSHDB of the broker's database never erases them. A broker on database 15
+# leaves no next one: then PAYMENTS_FAKE_GATEWAY_URL must be set. It is left
+# undefined here on purpose, so the books follow REDIS_URL (a chaos run's own
+# broker included).
+# Seconds after which a tok_late capture at the fake gateway lands (is visible).
+try:
+    PAYMENTS_FAKE_LATE_CAPTURE_S = float(os.environ.get("PAYMENTS_FAKE_LATE_CAPTURE_S") or 2.0)
+except ValueError:
+    raise ImproperlyConfigured(
+        "PAYMENTS_FAKE_LATE_CAPTURE_S is not a number of seconds, e.g. 2.0"
+    ) from None
 
 # --- DRF --------------------------------------------------------------------
 REST_FRAMEWORK = {

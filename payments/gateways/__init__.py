@@ -21,7 +21,9 @@ __all__ = ["Gateway", "GatewayCharge", "GatewayRefund", "get_gateway"]
 _lock = threading.Lock()
 _instances: dict[str, Gateway] = {}
 
-# Settings a gateway instance reads when it is built.
+# Settings a gateway instance reads when it is built (the fake's books follow
+# REDIS_URL unless PAYMENTS_FAKE_GATEWAY_URL is set). Others, such as
+# PAYMENTS_FAKE_LATE_CAPTURE_S, are read on every call.
 _GATEWAY_SETTINGS = {"PAYMENTS_GATEWAY", "PAYMENTS_FAKE_GATEWAY_URL", "REDIS_URL"}
 
 
