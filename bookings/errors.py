@@ -30,3 +30,9 @@ class BookingNotCancellable(BookingError):
 
 class IdempotencyConflict(BookingError):
     code = "idempotency_key_reused"
+
+
+class BookingStateConflict(BookingError):
+    """A saga found the booking in a state its step or hook does not expect: a bug, loudly."""
+
+    code = "booking_state_conflict"

@@ -12,7 +12,13 @@ from django.db import OperationalError
 
 from bookings import selectors
 from bookings.models import Booking
-from bookings.services import BOOKING_CANCELLATION, TRIP_BOOKING, booking_move, charge_key
+from bookings.services import (
+    BOOKING_CANCELLATION,
+    TRIP_BOOKING,
+    booking_move,
+    booking_settle,
+    charge_key,
+)
 from inventory import services as inventory
 from payments import services as payments
 from payments.errors import GatewayTimeout, GatewayUnavailable
@@ -93,9 +99,8 @@ def charge_payment(saga: Saga) -> dict:
 
 
 def refund_payment(saga: Saga) -> dict | None:
-    refund = payments.charge_refund(
-        idempotency_key=charge_key(saga.id), reason="trip booking undone"
-    )
+    """Undo the trip's charge as the gateway knows it: captured late, lost answer or none."""
+    refund = payments.charge_undo(idempotency_key=charge_key(saga.id), reason="trip booking undone")
     return (
         None
         if refund is None
@@ -115,15 +120,24 @@ def confirm_booking(saga: Saga) -> dict:
 
 
 def reject_booking(saga: Saga) -> None:
-    booking_move(
-        booking_id=_booking_id(saga), source=Booking.Status.PENDING, target=Booking.Status.REJECTED
+    """Trip compensated; NEEDS_ATTENTION too, when an operator's retry finished the job."""
+    booking_settle(
+        booking_id=_booking_id(saga),
+        sources=(Booking.Status.PENDING, Booking.Status.NEEDS_ATTENTION),
+        target=Booking.Status.REJECTED,
     )
 
 
-def flag_booking(saga: Saga) -> None:
-    booking_id = _booking_id(saga)
-    for source in (Booking.Status.PENDING, Booking.Status.CANCELLING):
-        booking_move(booking_id=booking_id, source=source, target=Booking.Status.NEEDS_ATTENTION)
+def _flag(source: str):
+    def flag_booking(saga: Saga) -> None:
+        """A compensation gave up: an operator must look (again, after a retry that failed)."""
+        booking_settle(
+            booking_id=_booking_id(saga),
+            sources=(source, Booking.Status.NEEDS_ATTENTION),
+            target=Booking.Status.NEEDS_ATTENTION,
+        )
+
+    return flag_booking
 
 
 trip_booking = SagaDefinition(
@@ -140,11 +154,12 @@ trip_booking = SagaDefinition(
             retry=PAYMENT_RETRY,
             timeout_s=15,
             uncertain_on=(GatewayTimeout,),
+            external=True,
         ),
         Step("confirm_booking", confirm_booking, queue="bookings"),
     ],
     on_compensated=reject_booking,
-    on_failed=flag_booking,
+    on_failed=_flag(Booking.Status.PENDING),
     # Loaded by `manage.py chaos` and `manage.py bench` only.
     harness="bookings.harness.TripHarness",
 )
@@ -153,28 +168,56 @@ trip_booking = SagaDefinition(
 # --- cancellation --------------------------------------------------------------
 
 
+def _refund_prefix(saga: Saga) -> str:
+    return f"saga:{saga.id}:refund_payment"
+
+
 def refund_cancelled_booking(saga: Saga) -> dict | None:
-    refund = payments.charge_refund(
-        idempotency_key=saga.context["charge_key"], reason="booking cancelled"
+    """Refund every live charge of the booking: the trip's, and any earlier cancellation's
+    re-charge. Each refund is keyed by this saga and the charge, so it happens once."""
+    refunds = payments.charges_refund_all(
+        reference=f"booking:{_booking_id(saga)}",
+        refund_key_prefix=_refund_prefix(saga),
+        reason="booking cancelled",
     )
-    return (
-        None
-        if refund is None
-        else {"refund": refund.gateway_refund_id, "amount": str(refund.amount)}
-    )
+    return _refunds_result(refunds)
 
 
-def recharge_payment(saga: Saga) -> dict:
-    """Undo a cancellation's refund: the booking stands, so it is paid again."""
-    booking = selectors.booking_get(booking_id=_booking_id(saga))
-    charge = payments.charge_create(
-        amount=booking.total,
-        currency=booking.currency,
-        card_token=saga.context["card_token"],
-        idempotency_key=f"saga:{saga.id}:recharge_payment",
-        reference=f"booking:{booking.id}",
+def recharge_payment(saga: Saga) -> dict | None:
+    """Undo this cancellation's refunds, and only what they actually gave back.
+
+    The refunds are read from the gateway's records too, so a refund whose
+    answer was lost is paid back, and a refund that never ran re-charges
+    nothing. Each refunded charge is re-charged once, under its own key.
+    """
+    refunds = payments.refunds_made(
+        reference=f"booking:{_booking_id(saga)}", refund_key_prefix=_refund_prefix(saga)
     )
-    return {"charge": charge.gateway_charge_id, "amount": str(charge.amount)}
+    charges = [
+        payments.charge_create(
+            amount=refund.amount,
+            currency=refund.currency,
+            card_token=saga.context["card_token"],
+            idempotency_key=f"saga:{saga.id}:recharge_payment:{refund.charge_id}",
+            reference=f"booking:{_booking_id(saga)}",
+        )
+        for refund in refunds
+    ]
+    if not charges:
+        return None
+    return {
+        "charges": [charge.gateway_charge_id for charge in charges],
+        "amount": str(sum(charge.amount for charge in charges)),
+    }
+
+
+def _refunds_result(refunds) -> dict | None:
+    if not refunds:
+        return None
+    return {
+        "refunds": [refund.gateway_refund_id for refund in refunds],
+        "amount": str(sum(refund.amount for refund in refunds)),
+    }
 
 
 def mark_cancelled(saga: Saga) -> dict:
@@ -187,9 +230,10 @@ def mark_cancelled(saga: Saga) -> dict:
 
 
 def restore_booking(saga: Saga) -> None:
-    booking_move(
+    """Cancellation compensated (by itself, or after an operator's retry): the trip stands."""
+    booking_settle(
         booking_id=_booking_id(saga),
-        source=Booking.Status.CANCELLING,
+        sources=(Booking.Status.CANCELLING, Booking.Status.NEEDS_ATTENTION),
         target=Booking.Status.CONFIRMED,
     )
 
@@ -204,6 +248,8 @@ booking_cancellation = SagaDefinition(
             queue="payments",
             retry=PAYMENT_RETRY,
             timeout_s=15,
+            uncertain_on=(GatewayTimeout,),
+            external=True,
         ),
         Step("release_car", _release("car"), _reinstate("car"), queue="inventory"),
         Step("release_hotel", _release("hotel"), _reinstate("hotel"), queue="inventory"),
@@ -211,5 +257,5 @@ booking_cancellation = SagaDefinition(
         Step("mark_cancelled", mark_cancelled, queue="bookings"),
     ],
     on_compensated=restore_booking,
-    on_failed=flag_booking,
+    on_failed=_flag(Booking.Status.CANCELLING),
 )

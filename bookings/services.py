@@ -12,6 +12,7 @@ from django.db import IntegrityError, transaction
 from bookings.errors import (
     BookingNotCancellable,
     BookingNotFound,
+    BookingStateConflict,
     IdempotencyConflict,
     InvalidBooking,
     PaymentMismatch,
@@ -240,6 +241,21 @@ def _validate_chaos(saga_type: str, chaos: dict[str, Any]) -> None:
 def booking_move(*, booking_id, source: str, target: str) -> bool:
     """Conditional status change; False if the booking was not in ``source``."""
     return bool(Booking.objects.filter(pk=booking_id, status=source).update(status=target))
+
+
+def booking_settle(*, booking_id, sources: tuple[str, ...], target: str) -> None:
+    """Move the booking from one of ``sources`` to ``target``, or raise ``BookingStateConflict``.
+
+    For the sagas' end-of-run hooks: a booking in any other state means the
+    process went wrong somewhere, and saying so beats returning quietly.
+    """
+    if Booking.objects.filter(pk=booking_id, status__in=sources).update(status=target):
+        return
+    status = Booking.objects.filter(pk=booking_id).values_list("status", flat=True).first()
+    raise BookingStateConflict(
+        f"booking {booking_id} is {status or 'gone'}; only {' or '.join(sources)} "
+        f"can become {target}"
+    )
 
 
 @transaction.atomic

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from payments.errors import InvalidAmount, UnsupportedCurrency
-from payments.gateways import GatewayCharge, get_gateway
+from payments.gateways import GatewayCharge, GatewayRefund, get_gateway
 from payments.models import Charge, LedgerEntry, Refund
 
 EntryType = LedgerEntry.EntryType
@@ -42,46 +42,128 @@ def charge_create(
     return _charge_record(gateway_charge=gateway_charge)
 
 
-@transaction.atomic
-def charge_refund(*, idempotency_key: str, reason: str = "") -> Refund | None:
-    """Refund what is still unrefunded on the charge made with ``idempotency_key``.
+def charge_settle(*, idempotency_key: str) -> Charge | None:
+    """The charge made with ``idempotency_key``, settled with the gateway; None if there is none.
 
-    The refund's own key is ``refund:<idempotency_key>``, so a second call
-    returns the first call's Refund. Without a local Charge the gateway is
-    asked: a charge whose answer was lost in a timeout is recorded (under the
-    reference the gateway kept for it) and refunded. Returns None when there is
-    nothing to undo.
+    For a charge whose outcome is uncertain (its answer was lost, its worker
+    died): our record if we have one; otherwise the gateway is asked to void
+    the key, which returns the charge if it was captured (recorded here) and
+    otherwise makes sure none ever will be, so a capture still on its way
+    cannot land after we decided there was nothing. While the gateway is still
+    processing a capture it raises ``GatewayChargePending`` (retryable).
     """
-    refund_key = f"refund:{idempotency_key}"
-    existing = Refund.objects.filter(idempotency_key=refund_key).first()
+    existing = Charge.objects.filter(idempotency_key=idempotency_key).first()
     if existing is not None:
         return existing
+    gateway_charge = get_gateway().void(idempotency_key=idempotency_key)
+    if gateway_charge is None:
+        return None
+    return _charge_record(gateway_charge=gateway_charge)
 
-    charge = Charge.objects.filter(idempotency_key=idempotency_key).first()
+
+def charge_undo(*, idempotency_key: str, reason: str = "") -> Refund | None:
+    """Undo the charge made with ``idempotency_key``, whatever became of it.
+
+    Settles it with the gateway first (``charge_settle``), then refunds what is
+    left under ``refund:<idempotency_key>``, so a second call returns the
+    first call's Refund. None when nothing was (or ever will be) charged.
+    """
+    charge = charge_settle(idempotency_key=idempotency_key)
     if charge is None:
-        gateway_charge = get_gateway().lookup_charge(idempotency_key=idempotency_key)
-        if gateway_charge is None:
-            return None
-        charge = _charge_record(gateway_charge=gateway_charge)
+        return None
+    return charge_refund(charge=charge, refund_key=f"refund:{idempotency_key}", reason=reason)
 
-    # The row lock makes concurrent refunds of one charge take turns; the one
-    # that waited finds the first one's Refund below.
-    charge = Charge.objects.select_for_update().get(pk=charge.pk)
+
+def charge_refund(*, charge: Charge, refund_key: str, reason: str = "") -> Refund | None:
+    """Refund what is still unrefunded on ``charge``, once per ``refund_key``.
+
+    A key that already has a Refund returns it. Returns None when nothing is
+    left to refund. No database transaction is open while the gateway works:
+    the gateway answers a repeated key with its first refund, so a call whose
+    answer was lost is simply made again, and the refund is recorded after.
+    """
     existing = Refund.objects.filter(idempotency_key=refund_key).first()
     if existing is not None:
         return existing
+    charge = Charge.objects.get(pk=charge.pk)  # what other refunds left, fresh
     refundable = charge.amount - charge.refunded_amount
     if refundable <= 0:
         return None
-
     gateway_refund = get_gateway().refund(
         charge_id=charge.gateway_charge_id, amount=refundable, idempotency_key=refund_key
     )
-    # The gateway answers a repeated key with the first refund, whose amount
-    # is what was actually given back.
+    return _refund_record(charge=charge, gateway_refund=gateway_refund, reason=reason)
+
+
+def charges_refund_all(*, reference: str, refund_key_prefix: str, reason: str) -> list[Refund]:
+    """Refund every live charge of ``reference``, each under ``<prefix>:<charge id>``.
+
+    The gateway's own list of the reference's charges is read first, so a
+    capture we never heard back about is refunded too. Repeating the call
+    refunds nothing twice: each charge's refund key is fixed.
+    """
+    charges_sync(reference=reference)
+    refunds = []
+    for charge in Charge.objects.filter(reference=reference).order_by("created_at", "id"):
+        refund = charge_refund(
+            charge=charge, refund_key=refund_key(refund_key_prefix, charge), reason=reason
+        )
+        if refund is not None:
+            refunds.append(refund)
+    return refunds
+
+
+def refunds_made(*, reference: str, refund_key_prefix: str) -> list[Refund]:
+    """The refunds ``charges_refund_all`` made with this prefix, as the gateway records them.
+
+    A refund the gateway made but whose answer we lost is recorded here first,
+    so what is undone is what happened, not what our records guessed.
+    """
+    charges_sync(reference=reference)
+    gateway = get_gateway()
+    refunds = []
+    for charge in Charge.objects.filter(reference=reference).order_by("created_at", "id"):
+        key = refund_key(refund_key_prefix, charge)
+        refund = Refund.objects.filter(idempotency_key=key).first()
+        if refund is None:
+            gateway_refund = gateway.lookup_refund(idempotency_key=key)
+            if gateway_refund is None:
+                continue
+            refund = _refund_record(charge=charge, gateway_refund=gateway_refund, reason="")
+        refunds.append(refund)
+    return refunds
+
+
+def refund_key(prefix: str, charge: Charge) -> str:
+    return f"{prefix}:{charge.pk}"
+
+
+def charges_sync(*, reference: str) -> list[Charge]:
+    """Record every charge the gateway holds for ``reference`` that we have no record of."""
+    known = set(
+        Charge.objects.filter(reference=reference).values_list("idempotency_key", flat=True)
+    )
+    return [
+        _charge_record(gateway_charge=gateway_charge)
+        for gateway_charge in get_gateway().charges(reference=reference)
+        if gateway_charge.idempotency_key not in known
+    ]
+
+
+@transaction.atomic
+def _refund_record(*, charge: Charge, gateway_refund: GatewayRefund, reason: str) -> Refund:
+    """Record a refund the gateway made and its ledger entry, once per refund key.
+
+    The charge row is locked, so concurrent recorders take turns; the one that
+    waited finds the first one's Refund.
+    """
+    charge = Charge.objects.select_for_update().get(pk=charge.pk)
+    existing = Refund.objects.filter(idempotency_key=gateway_refund.idempotency_key).first()
+    if existing is not None:
+        return existing
     refund = Refund.objects.create(
         charge=charge,
-        idempotency_key=refund_key,
+        idempotency_key=gateway_refund.idempotency_key,
         amount=gateway_refund.amount,
         currency=charge.currency,
         gateway_refund_id=gateway_refund.id,

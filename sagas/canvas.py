@@ -25,9 +25,9 @@ COMPENSATION_FAILED = "sagas.compensation_failed"
 FINISH_COMPENSATION = "sagas.finish_compensation"
 
 
-def saga_task(name: str, saga_id: str) -> Signature:
+def saga_task(name: str, saga_id: str, **kwargs) -> Signature:
     """A saga-level task (errback, finish) for one saga, on the saga queue."""
-    return signature(name, kwargs={"saga_id": saga_id}, queue=SAGA_QUEUE)
+    return signature(name, kwargs={"saga_id": saga_id, **kwargs}, queue=SAGA_QUEUE)
 
 
 def action_signature(definition: SagaDefinition, index: int, saga_id: str) -> Signature:
@@ -35,13 +35,15 @@ def action_signature(definition: SagaDefinition, index: int, saga_id: str) -> Si
     return _step(definition.action_task_name(index), definition, index, saga_id, STEP_FAILED)
 
 
-def compensation_signature(definition: SagaDefinition, index: int, saga_id: str) -> Signature:
-    """Step ``index``'s compensation for one saga, with its errback."""
+def compensation_signature(
+    definition: SagaDefinition, index: int, saga_id: str, round: int = 1
+) -> Signature:
+    """Step ``index``'s compensation in compensation round ``round``, with its errback."""
     name = definition.compensation_task_name(index)
-    return _step(name, definition, index, saga_id, COMPENSATION_FAILED)
+    return _step(name, definition, index, saga_id, COMPENSATION_FAILED, round=round)
 
 
-def _step(name: str, definition: SagaDefinition, index: int, saga_id: str, errback: str):
+def _step(name: str, definition: SagaDefinition, index: int, saga_id: str, errback: str, **kwargs):
     if name not in current_app.tasks:
         # Published by name it would still go out, without the step's time
         # limits and options, and no worker would know it: refuse it here.
@@ -52,10 +54,10 @@ def _step(name: str, definition: SagaDefinition, index: int, saga_id: str, errba
         )
     return signature(
         name,
-        kwargs={"saga_id": saga_id},
+        kwargs={"saga_id": saga_id, **kwargs},
         immutable=True,
         queue=definition.steps[index].queue,
-    ).on_error(saga_task(errback, saga_id))
+    ).on_error(saga_task(errback, saga_id, **kwargs))
 
 
 def action_chain(definition: SagaDefinition, saga_id: str, start: int = 0) -> Signature:
@@ -65,12 +67,18 @@ def action_chain(definition: SagaDefinition, saga_id: str, start: int = 0) -> Si
     )
 
 
-def compensation_chain(definition: SagaDefinition, saga_id: str, undo_count: int) -> Signature:
-    """Compensations of steps ``undo_count - 1`` down to 0, newest first, then the finish."""
+def compensation_chain(
+    definition: SagaDefinition, saga_id: str, undo_count: int, round: int = 1
+) -> Signature:
+    """Compensations of steps ``undo_count - 1`` down to 0, newest first, then the finish.
+
+    Every signature carries the compensation ``round``, so a failure reported
+    by an earlier round's message is told apart from the current one's.
+    """
     signatures = [
-        compensation_signature(definition, i, saga_id)
+        compensation_signature(definition, i, saga_id, round)
         for i in reversed(range(undo_count))
         if definition.steps[i].compensation is not None
     ]
-    signatures.append(saga_task(FINISH_COMPENSATION, saga_id).set(immutable=True))
+    signatures.append(saga_task(FINISH_COMPENSATION, saga_id, round=round).set(immutable=True))
     return chain(*signatures)

@@ -115,6 +115,11 @@ class Step:
       is compensated even though it failed.
     - ``compensation_name``: the compensation's name in logs, task names and
       chaos plans; by default the compensation function's ``__name__``.
+    - ``external``: the action and compensation call another company's system
+      (a payment gateway). They then run with no database transaction open and
+      without the saga row lock, so a slow call blocks nobody; two copies may
+      run at once, so every call must carry an idempotency key. The barrier
+      row is written after the call, in a short transaction of its own.
     """
 
     name: str
@@ -126,6 +131,7 @@ class Step:
     timeout_s: int = 10
     uncertain_on: tuple[type[BaseException], ...] = ()
     compensation_name: str = ""
+    external: bool = False
 
     @property
     def hard_limit_s(self) -> int:

@@ -41,6 +41,9 @@ class Saga(models.Model):
     current_step = models.CharField(max_length=64, blank=True)
     steps_done = models.PositiveSmallIntegerField(default=0)
     undo_cursor = models.PositiveSmallIntegerField(default=0)
+    # Compensation rounds: 1 when compensation begins, one more per operator
+    # retry. Failure reports of an earlier round change nothing.
+    round = models.PositiveSmallIntegerField(default=0, db_default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     dispatched_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -116,6 +119,11 @@ class SagaLog(models.Model):
     phase = models.CharField(max_length=16, choices=Phase.choices)
     status = models.CharField(max_length=16, choices=Status.choices)
     attempt = models.PositiveSmallIntegerField(default=1)
+    # The compensation round the row belongs to (0 for actions and notes).
+    round = models.PositiveSmallIntegerField(default=0, db_default=0)
+    # This attempt may have had its effect although it failed (its answer was
+    # lost, it hit a time limit, or an earlier delivery was lost with its worker).
+    may_have_effect = models.BooleanField(default=False, db_default=False)
     task_id = models.CharField(max_length=255, blank=True)
     worker = models.CharField(max_length=255, blank=True)
     started_at = models.DateTimeField()

@@ -1,6 +1,6 @@
 """The step wrapper: runs one action or compensation under the barrier.
 
-Every step runs in one transaction that
+A step that stays inside our database runs in one transaction that
 
 1. locks the saga row (``SELECT ... FOR UPDATE``) and decides from its status
    and counters whether this delivery is the first, a duplicate, or too late;
@@ -12,6 +12,16 @@ So a redelivered or concurrent copy finds the counter moved and does nothing,
 an action that arrives after compensation began does nothing, and the errback's
 claim (an UPDATE of the same row) waits for a running step to commit. That is
 three statements of bookkeeping per step beyond the step's own writes.
+
+An *external* step (``Step(external=True)``: a call to another company's
+system, such as the payment gateway) must not hold a transaction or the saga
+row while that call is out, so it runs in three parts: the same checks on a
+plain read; the effect, with no transaction open (the call carries an
+idempotency key, so two copies running at once are harmless); then a short
+transaction that checks again and moves the counter. A copy that finds the
+saga compensated while its own effect (or an earlier copy's) may have landed
+undoes it at once, through the step's compensation, if no compensation of
+the saga is still going to.
 """
 
 from __future__ import annotations
@@ -71,7 +81,17 @@ class _Attempt:
     def number(self) -> int:
         return self.task.request.retries + 1
 
-    def log(self, status: str, *, error: str = "", result: Any = None) -> SagaLog:
+    round: int = 0
+
+    @property
+    def redelivered(self) -> bool:
+        """An earlier delivery of this very message was lost with its worker, maybe mid-effect."""
+        delivery = getattr(self.task.request, "delivery_info", None) or {}
+        return bool(delivery.get("redelivered"))
+
+    def log(
+        self, status: str, *, error: str = "", result: Any = None, may_have_effect: bool = False
+    ) -> SagaLog:
         finished = timezone.now()
         return SagaLog.objects.create(
             saga_id=self.saga_id,
@@ -80,6 +100,8 @@ class _Attempt:
             phase=self.phase,
             status=status,
             attempt=self.number,
+            round=self.round,
+            may_have_effect=may_have_effect,
             task_id=self.task.request.id or "",
             worker=self.task.request.hostname or "",
             started_at=self.started,
@@ -104,49 +126,27 @@ def _lock(saga_id: str) -> Saga:
     return saga
 
 
+def _read(saga_id: str) -> Saga:
+    saga = Saga.objects.filter(pk=saga_id).first()
+    if saga is None:
+        raise _Outcome(SagaLog.Status.IGNORED, "saga does not exist", continue_chain=False)
+    return saga
+
+
 def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str) -> dict:
     attempt = _Attempt(task, definition, index, saga_id, ACTION, timezone.now())
     step = attempt.step
-    last = index == len(definition.steps) - 1
     try:
-        with transaction.atomic():
-            saga = _lock(saga_id)
-            if saga.status not in (Saga.Status.PENDING, Saga.Status.RUNNING):
-                raise _Outcome(
-                    SagaLog.Status.IGNORED,
-                    f"saga is {saga.status}: action not run",
-                    continue_chain=False,
-                )
-            if saga.steps_done > index:
-                raise _Outcome(SagaLog.Status.DUPLICATE, "already done", continue_chain=True)
-            if saga.steps_done < index:
-                # A copy published out of band (a re-published message) that
-                # overtook the chain: the chain itself brings this step in turn.
-                raise _Outcome(
-                    SagaLog.Status.IGNORED,
-                    f"not due yet: {definition.steps[saga.steps_done].name} comes first",
-                    continue_chain=False,
-                )
-            faults.before_action(saga, step.name, attempt.number)
-            result = step.action(saga)
-            now = timezone.now()
-            started = saga.started_at or attempt.started
-            moved = Saga.objects.filter(
-                pk=saga_id,
-                steps_done=index,
-                status__in=(Saga.Status.PENDING, Saga.Status.RUNNING),
-            ).update(
-                steps_done=index + 1,
-                current_step=step.name,
-                status=Saga.Status.COMPLETED if last else Saga.Status.RUNNING,
-                started_at=Coalesce(F("started_at"), now),
-                finished_at=now if last else None,
-                duration_ms=elapsed_ms(started, now) if last else None,
-                updated_at=now,
-            )
-            if not moved:  # lost a race the row lock cannot prevent (SQLite)
-                raise _Outcome(SagaLog.Status.DUPLICATE, "already done", continue_chain=True)
-            attempt.log(SagaLog.Status.SUCCEEDED, result=result)
+        if step.external:
+            _external_action(attempt)
+        else:
+            with transaction.atomic():
+                saga = _lock(saga_id)
+                _raise_if(_action_not_due(attempt, saga))
+                faults.before_action(saga, step.name, attempt.number)
+                if not _commit_action(attempt, saga, step.action(saga)):
+                    # Lost a race the row lock cannot prevent (SQLite).
+                    raise _Outcome(SagaLog.Status.DUPLICATE, "already done", continue_chain=True)
     except _Outcome as outcome:
         return _settle(attempt, outcome)
     except (Ignore, Retry):
@@ -156,40 +156,125 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
     return attempt.reply(SagaLog.Status.SUCCEEDED)
 
 
-def run_compensation(task: Task, definition: SagaDefinition, index: int, saga_id: str) -> dict:
-    attempt = _Attempt(task, definition, index, saga_id, COMPENSATION, timezone.now())
+def _external_action(attempt: _Attempt) -> None:
     step = attempt.step
-    status = SagaLog.Status.SUCCEEDED
+    saga = _read(attempt.saga_id)
+    if outcome := _action_not_due(attempt, saga):
+        _undo_stranded_effect(attempt, saga)
+        raise outcome
+    faults.before_action(saga, step.name, attempt.number)
+    result = step.action(saga)  # no transaction open: the call may take seconds
+    with transaction.atomic():
+        # The conditional UPDATE is the barrier here: a concurrent copy or the
+        # errback's claim waits for it, then finds the row moved.
+        if _commit_action(attempt, saga, result):
+            return
+    saga = _read(attempt.saga_id)
+    _undo_stranded_effect(attempt, saga)
+    raise _action_not_due(attempt, saga) or _Outcome(
+        SagaLog.Status.DUPLICATE, "already done", continue_chain=True
+    )
+
+
+def _action_not_due(attempt: _Attempt, saga: Saga) -> _Outcome | None:
+    """Why this delivery of the action must not run (or commit), if it must not."""
+    definition, index = attempt.definition, attempt.index
+    if saga.status not in (Saga.Status.PENDING, Saga.Status.RUNNING):
+        return _Outcome(
+            SagaLog.Status.IGNORED, f"saga is {saga.status}: action not run", continue_chain=False
+        )
+    if saga.steps_done > index:
+        return _Outcome(SagaLog.Status.DUPLICATE, "already done", continue_chain=True)
+    if saga.steps_done < index:
+        # A copy published out of band (a re-published message) that
+        # overtook the chain: the chain itself brings this step in turn.
+        return _Outcome(
+            SagaLog.Status.IGNORED,
+            f"not due yet: {definition.steps[saga.steps_done].name} comes first",
+            continue_chain=False,
+        )
+    return None
+
+
+def _commit_action(attempt: _Attempt, saga: Saga, result: Any) -> bool:
+    """Move the step counter and write the barrier row, in the caller's transaction.
+
+    False, writing nothing, if the counter was not where this step expects it.
+    """
+    index = attempt.index
+    last = index == len(attempt.definition.steps) - 1
+    now = timezone.now()
+    started = saga.started_at or attempt.started
+    moved = Saga.objects.filter(
+        pk=attempt.saga_id,
+        steps_done=index,
+        status__in=(Saga.Status.PENDING, Saga.Status.RUNNING),
+    ).update(
+        steps_done=index + 1,
+        current_step=attempt.step.name,
+        status=Saga.Status.COMPLETED if last else Saga.Status.RUNNING,
+        started_at=Coalesce(F("started_at"), now),
+        finished_at=now if last else None,
+        duration_ms=elapsed_ms(started, now) if last else None,
+        updated_at=now,
+    )
+    if moved:
+        attempt.log(SagaLog.Status.SUCCEEDED, result=result)
+    return bool(moved)
+
+
+def _undo_stranded_effect(attempt: _Attempt, saga: Saga) -> None:
+    """Undo what an external action may have done if the saga's compensation will not.
+
+    The action never committed (``steps_done`` did not pass it), so the
+    compensation chain undoes it only if it is still to come; once it has
+    passed this step, or the saga ended, an effect that landed meanwhile (this
+    copy's, or a lost earlier copy's) would stay. The compensation is keyed
+    like the action, so running it here and there is harmless.
+    """
+    step, index = attempt.step, attempt.index
+    if step.compensation is None or saga.steps_done > index:
+        return
+    if saga.status not in (Saga.Status.COMPENSATING, Saga.Status.COMPENSATED, Saga.Status.FAILED):
+        return
+    if saga.status == Saga.Status.COMPENSATING and saga.undo_cursor > index:
+        return  # its compensation is still to come and settles the effect
+    result = step.compensation(saga)
+    if result is not None:
+        logger.warning(
+            "saga %s: %s arrived after the saga moved on; its effect was undone: %s",
+            attempt.saga_id,
+            step.name,
+            result,
+        )
+
+
+def _raise_if(outcome: _Outcome | None) -> None:
+    if outcome is not None:
+        raise outcome
+
+
+def run_compensation(
+    task: Task, definition: SagaDefinition, index: int, saga_id: str, round: int = 1
+) -> dict:
+    attempt = _Attempt(task, definition, index, saga_id, COMPENSATION, timezone.now(), round)
+    step = attempt.step
+    assert step.compensation is not None
     try:
-        with transaction.atomic():
-            saga = _lock(saga_id)
-            if saga.status != Saga.Status.COMPENSATING:
-                raise _Outcome(
-                    SagaLog.Status.IGNORED,
-                    f"saga is {saga.status}: compensation not run",
-                    continue_chain=False,
-                )
-            if saga.undo_cursor <= index:
-                raise _Outcome(SagaLog.Status.DUPLICATE, "already undone", continue_chain=True)
-            due = definition.next_to_undo(saga.undo_cursor)
-            if index != due:
-                # Compensations run strictly newest first, whatever order copies arrive in.
-                raise _Outcome(
-                    SagaLog.Status.IGNORED,
-                    f"not due yet: {definition.steps[due].undo_name} comes first",
-                    continue_chain=False,
-                )
+        if step.external:
+            saga = _read(saga_id)
+            _raise_if(_compensation_not_due(attempt, saga))
             faults.before_compensation(saga, attempt.name, attempt.number)
-            assert step.compensation is not None
-            result = step.compensation(saga)
-            if result is None:
-                status = SagaLog.Status.SKIPPED
-            moved = Saga.objects.filter(
-                pk=saga_id, status=Saga.Status.COMPENSATING, undo_cursor__gt=index
-            ).update(undo_cursor=index, current_step=attempt.name, updated_at=timezone.now())
-            if not moved:
-                raise _Outcome(SagaLog.Status.DUPLICATE, "already undone", continue_chain=True)
-            attempt.log(status, result=result)
+            result = step.compensation(saga)  # no transaction open: the call may take seconds
+            with transaction.atomic():
+                # The conditional UPDATE is the barrier, as for external actions.
+                status = _commit_compensation(attempt, result)
+        else:
+            with transaction.atomic():
+                saga = _lock(saga_id)
+                _raise_if(_compensation_not_due(attempt, saga))
+                faults.before_compensation(saga, attempt.name, attempt.number)
+                status = _commit_compensation(attempt, step.compensation(saga))
     except _Outcome as outcome:
         return _settle(attempt, outcome)
     except (Ignore, Retry):
@@ -197,6 +282,38 @@ def run_compensation(task: Task, definition: SagaDefinition, index: int, saga_id
     except Exception as exc:
         _fail(attempt, exc, step.compensation_retry, uncertain=False)
     return attempt.reply(status)
+
+
+def _compensation_not_due(attempt: _Attempt, saga: Saga) -> _Outcome | None:
+    definition, index = attempt.definition, attempt.index
+    if saga.status != Saga.Status.COMPENSATING:
+        return _Outcome(
+            SagaLog.Status.IGNORED,
+            f"saga is {saga.status}: compensation not run",
+            continue_chain=False,
+        )
+    if saga.undo_cursor <= index:
+        return _Outcome(SagaLog.Status.DUPLICATE, "already undone", continue_chain=True)
+    due = definition.next_to_undo(saga.undo_cursor)
+    if index != due:
+        # Compensations run strictly newest first, whatever order copies arrive in.
+        return _Outcome(
+            SagaLog.Status.IGNORED,
+            f"not due yet: {definition.steps[due].undo_name} comes first",
+            continue_chain=False,
+        )
+    return None
+
+
+def _commit_compensation(attempt: _Attempt, result: Any) -> str:
+    status = SagaLog.Status.SKIPPED if result is None else SagaLog.Status.SUCCEEDED
+    moved = Saga.objects.filter(
+        pk=attempt.saga_id, status=Saga.Status.COMPENSATING, undo_cursor__gt=attempt.index
+    ).update(undo_cursor=attempt.index, current_step=attempt.name, updated_at=timezone.now())
+    if not moved:
+        raise _Outcome(SagaLog.Status.DUPLICATE, "already undone", continue_chain=True)
+    attempt.log(status, result=result)
+    return status
 
 
 def _settle(attempt: _Attempt, outcome: _Outcome) -> dict:
@@ -213,15 +330,26 @@ def _fail(attempt: _Attempt, exc: Exception, policy: RetryPolicy, *, uncertain: 
     """Retry with backoff while the policy allows it; otherwise record and re-raise.
 
     Re-raising after the last retry is what makes Celery call the errback.
+    Every attempt records whether it may have had its effect (a lost answer,
+    a time limit, or a redelivery after a lost worker), so compensation can
+    tell from *any* attempt, not only the last, whether the step is undone.
     """
     error = f"{type(exc).__name__}: {exc}"
+    uncertain = (
+        uncertain
+        or isinstance(exc, (SoftTimeLimitExceeded, EffectUncertain))
+        or attempt.redelivered
+    )
     retries = attempt.task.request.retries
     if policy.retries(exc) and retries < policy.max_retries:
         countdown = policy.delay(retries)
-        attempt.log(SagaLog.Status.RETRYING, error=f"{error} (retry in {countdown}s)")
+        attempt.log(
+            SagaLog.Status.RETRYING,
+            error=f"{error} (retry in {countdown}s)",
+            may_have_effect=uncertain,
+        )
         raise attempt.task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
-    uncertain = uncertain or isinstance(exc, (SoftTimeLimitExceeded, EffectUncertain))
     status = SagaLog.Status.TIMED_OUT if uncertain else SagaLog.Status.FAILED
     detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    attempt.log(status, error=detail)
+    attempt.log(status, error=detail, may_have_effect=uncertain)
     raise exc

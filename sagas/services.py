@@ -63,25 +63,38 @@ def saga_start(
         context=context or {},
         deadline=now + timedelta(seconds=deadline_s or definition.deadline_s),
     )
-    transaction.on_commit(partial(saga_publish, saga_id=saga.id, saga_type=definition.name))
+    # robust: the caller's transaction has committed by then; whatever goes
+    # wrong afterwards is the reconciler's to mend, never the caller's error.
+    transaction.on_commit(
+        partial(saga_publish, saga_id=saga.id, saga_type=definition.name), robust=True
+    )
     return saga
 
 
 def saga_publish(*, saga_id, saga_type: str) -> bool:
-    """Publish the action chain and mark the saga RUNNING. False if the broker refused."""
-    definition = registry.get(saga_type)
+    """Publish the action chain and mark the saga RUNNING. False if the broker refused.
+
+    Never raises: it runs after the saga's transaction committed, so a broker
+    or database failure here leaves a PENDING saga for the reconciler.
+    """
     try:
+        definition = registry.get(saga_type)
         canvas.action_chain(definition, str(saga_id)).apply_async()
     except Exception:
         logger.exception("saga %s: publishing failed; the reconciler will retry", saga_id)
         return False
     now = timezone.now()
-    Saga.objects.filter(pk=saga_id, status=Status.PENDING).update(
-        status=Status.RUNNING,
-        dispatched_at=now,
-        started_at=Coalesce(F("started_at"), now),
-        updated_at=now,
-    )
+    try:
+        Saga.objects.filter(pk=saga_id, status=Status.PENDING).update(
+            status=Status.RUNNING,
+            dispatched_at=now,
+            started_at=Coalesce(F("started_at"), now),
+            updated_at=now,
+        )
+    except Exception:
+        # Published but still PENDING: the steps run all the same (they take
+        # PENDING sagas), and a second publish by the reconciler is harmless.
+        logger.exception("saga %s: published, but marking it RUNNING failed", saga_id)
     return True
 
 
@@ -114,19 +127,32 @@ def sagas_reconcile_pending(*, limit: int = 500) -> int:
     return published
 
 
+def saga_action_failed(*, saga_id, failed_task_id: str = "", hard_time_limit: bool = False) -> bool:
+    """An action's last attempt failed (the errback): retry a hard time limit, else compensate.
+
+    Celery fails a task killed by its hard time limit without retrying it,
+    whatever its policy says; such an attempt may have had its effect, so it
+    is retried like any other uncertain failure while the step's budget lasts.
+    """
+    if hard_time_limit and _retry_after_hard_limit(saga_id, failed_task_id, SagaLog.Phase.ACTION):
+        return False
+    return saga_begin_compensation(saga_id=saga_id, failed_task_id=failed_task_id)
+
+
 def saga_begin_compensation(*, saga_id, failed_task_id: str = "", reason: str = "") -> bool:
     """Claim a failed saga (PENDING/RUNNING -> COMPENSATING) and queue its compensations.
 
     Only the caller whose UPDATE moved the row queues anything, so a second
     errback for the same saga is a no-op. The failing step is undone too unless
-    its last attempt is on record as a definite failure: a timeout, a worker
-    killed mid-attempt or a step the sweeper gave up on at the deadline may
-    have had an effect, and compensations cope with finding nothing to undo.
+    its last attempt is a definite failure and no attempt of it may have had
+    an effect: a lost answer, a time limit or a lost worker in *any* attempt,
+    an attempt still in flight, or a step the sweeper gave up on at the
+    deadline may have had one, and compensations cope with finding nothing.
     """
     with transaction.atomic():
         claimed = Saga.objects.filter(
             pk=saga_id, status__in=(Status.PENDING, Status.RUNNING)
-        ).update(status=Status.COMPENSATING, updated_at=timezone.now())
+        ).update(status=Status.COMPENSATING, round=1, updated_at=timezone.now())
         if not claimed:
             logger.info("saga %s: already claimed, errback for %s ignored", saga_id, failed_task_id)
             return False
@@ -135,15 +161,83 @@ def saga_begin_compensation(*, saga_id, failed_task_id: str = "", reason: str = 
         undo = saga.steps_done
         detail = f"step {_step_name(definition, undo)} failed"
         if undo < len(definition.steps):
-            failed = _last_attempt(saga, definition.steps[undo].name, SagaLog.Phase.ACTION)
-            if failed is None or failed.status != SagaLog.Status.FAILED:
-                undo += 1  # no definite failure on record: it may have had an effect
+            attempts = SagaLog.objects.filter(
+                saga=saga, step=definition.steps[undo].name, phase=SagaLog.Phase.ACTION
+            )
+            failed = attempts.order_by("-started_at", "-id").first()
+            definite = failed is not None and failed.status == SagaLog.Status.FAILED
+            if not definite or attempts.filter(may_have_effect=True).exists():
+                undo += 1
             if failed is not None and failed.error:
                 detail = f"{detail}: {failed.error}"
         saga.undo_cursor = undo
         saga.failure_reason = reason or detail
         saga.save(update_fields=["undo_cursor", "failure_reason"])
-        transaction.on_commit(partial(_publish_compensation, definition, saga.id, undo))
+        transaction.on_commit(
+            partial(_publish_compensation, definition, saga.id, undo, 1), robust=True
+        )
+    return True
+
+
+def _retry_after_hard_limit(saga_id, failed_task_id: str, phase: str) -> bool:
+    """Record an attempt killed by its hard time limit; publish it again if its budget allows.
+
+    The attempt is counted from the log (the killed one wrote no row), and the
+    step is published again with Celery's retry count and a backoff, the way
+    ``Task.retry`` would have. False when the budget is spent, or the saga
+    moved on (the caller then goes on as for any final failure).
+    """
+    with transaction.atomic():
+        saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
+        if saga is None:
+            return False
+        definition = registry.get(saga.saga_type)
+        if phase == SagaLog.Phase.ACTION:
+            if saga.status not in (Status.PENDING, Status.RUNNING):
+                return False
+            index, round = saga.steps_done, 0
+            if index >= len(definition.steps):
+                return False
+            step = definition.steps[index]
+            name, policy = step.name, step.retry
+        else:
+            index, round = definition.next_to_undo(saga.undo_cursor), saga.round
+            if saga.status != Status.COMPENSATING or index is None:
+                return False
+            step = definition.steps[index]
+            name, policy = step.undo_name, step.compensation_retry
+        retries = SagaLog.objects.filter(
+            saga=saga, step=name, phase=phase, round=round, status=SagaLog.Status.RETRYING
+        ).count()
+        again = retries < policy.max_retries
+        countdown = policy.delay(retries) if again else 0
+        error = f"TimeLimitExceeded: hard time limit ({step.hard_limit_s}s) exceeded"
+        now = timezone.now()
+        SagaLog.objects.create(
+            saga=saga,
+            step=name,
+            step_index=index,
+            phase=phase,
+            status=SagaLog.Status.RETRYING if again else SagaLog.Status.TIMED_OUT,
+            attempt=retries + 1,
+            round=round,
+            may_have_effect=True,
+            task_id=failed_task_id,
+            started_at=now,
+            finished_at=now,
+            error=f"{error} (retry in {countdown}s)" if again else error,
+        )
+        if not again:
+            return False
+        Saga.objects.filter(pk=saga.pk).update(updated_at=now)
+        if phase == SagaLog.Phase.ACTION:
+            signature = canvas.action_chain(definition, str(saga.id), start=index)
+        else:
+            signature = canvas.compensation_chain(definition, str(saga.id), saga.undo_cursor, round)
+        transaction.on_commit(
+            partial(signature.apply_async, retries=retries + 1, countdown=countdown), robust=True
+        )
+    logger.warning("saga %s: %s hit its hard time limit; retry %d", saga_id, name, retries + 1)
     return True
 
 
@@ -199,16 +293,24 @@ def sagas_recover_stalled(*, limit: int = 200) -> dict[str, int]:
             counts["resumed"] += 1
         else:
             logger.warning("saga %s stalled compensating: publishing the rest again", saga.id)
-            _publish_compensation(definition, saga.id, saga.undo_cursor)
+            _publish_compensation(definition, saga.id, saga.undo_cursor, saga.round)
             counts["compensation_requeued"] += 1
     return counts
 
 
-def saga_finish_compensation(*, saga_id) -> bool:
-    """Every compensation ran: COMPENSATING -> COMPENSATED, then the type's ``on_compensated``."""
+def saga_finish_compensation(*, saga_id, round: int = 1) -> bool:
+    """Every compensation ran: COMPENSATING -> COMPENSATED, then the type's ``on_compensated``.
+
+    Only if nothing is left to undo, whichever round's chain got here: a copy
+    of an earlier round's finish cannot end a saga with steps still to undo.
+    """
     with transaction.atomic():
         saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
-        done = saga is not None and saga.status == Status.COMPENSATING
+        done = (
+            saga is not None
+            and saga.status == Status.COMPENSATING
+            and registry.get(saga.saga_type).next_to_undo(saga.undo_cursor) is None
+        )
         if done:
             _finish(saga, Status.COMPENSATED)
             saga.current_step = ""
@@ -221,11 +323,26 @@ def saga_finish_compensation(*, saga_id) -> bool:
     return bool(done)
 
 
-def saga_fail_compensation(*, saga_id, failed_task_id: str = "") -> bool:
-    """A compensation exhausted its retries: COMPENSATING -> FAILED; an operator must act."""
+def saga_fail_compensation(
+    *, saga_id, failed_task_id: str = "", round: int = 1, hard_time_limit: bool = False
+) -> bool:
+    """A compensation exhausted its retries: COMPENSATING -> FAILED; an operator must act.
+
+    A report from an earlier ``round`` (a late copy from before an operator's
+    retry) changes nothing. A compensation killed by its hard time limit is
+    retried first while its budget lasts.
+    """
+    current = Saga.objects.filter(pk=saga_id).values_list("round", flat=True).first()
+    if current is None or round != current:
+        logger.info("saga %s: report of round %s ignored (now %s)", saga_id, round, current)
+        return False
+    if hard_time_limit and _retry_after_hard_limit(
+        saga_id, failed_task_id, SagaLog.Phase.COMPENSATION
+    ):
+        return False
     with transaction.atomic():
         saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
-        if saga is None or saga.status != Status.COMPENSATING:
+        if saga is None or saga.status != Status.COMPENSATING or saga.round != round:
             return False
         definition = registry.get(saga.saga_type)
         last = (
@@ -252,14 +369,20 @@ def saga_retry_compensation(*, saga_id, operator: str) -> Saga:
         saga = _lock_unresolved_failure(saga_id, "retry compensation")
         definition = registry.get(saga.saga_type)
         saga.status = Status.COMPENSATING
+        saga.round += 1
         saga.finished_at = None
         saga.duration_ms = None
         # An injected fault belongs to the run that failed; the operator's
         # retry runs without it, as it would after fixing a real cause.
         saga.context.pop("chaos", None)
-        saga.save(update_fields=["status", "finished_at", "duration_ms", "context", "updated_at"])
-        saga_log_note(saga=saga, text=f"compensation retried by {operator}")
-        transaction.on_commit(partial(_publish_compensation, definition, saga.id, saga.undo_cursor))
+        saga.save(
+            update_fields=["status", "round", "finished_at", "duration_ms", "context", "updated_at"]
+        )
+        saga_log_note(saga=saga, text=f"compensation retried by {operator} (round {saga.round})")
+        transaction.on_commit(
+            partial(_publish_compensation, definition, saga.id, saga.undo_cursor, saga.round),
+            robust=True,
+        )
     return saga
 
 
@@ -312,16 +435,8 @@ def saga_log_note(*, saga: Saga, text: str) -> SagaLog:
     )
 
 
-def _publish_compensation(definition: SagaDefinition, saga_id, undo: int) -> None:
-    canvas.compensation_chain(definition, str(saga_id), undo).apply_async()
-
-
-def _last_attempt(saga: Saga, step: str, phase: str) -> SagaLog | None:
-    return (
-        SagaLog.objects.filter(saga=saga, step=step, phase=phase)
-        .order_by("-started_at", "-id")
-        .first()
-    )
+def _publish_compensation(definition: SagaDefinition, saga_id, undo: int, round: int) -> None:
+    canvas.compensation_chain(definition, str(saga_id), undo, round).apply_async()
 
 
 def _step_name(definition: SagaDefinition, index: int) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import TimeLimitExceeded
 from django.conf import settings
 
 from sagas import services
@@ -27,17 +28,43 @@ from sagas.runtime import run_action, run_compensation
 
 @shared_task(bind=True, name=STEP_FAILED, acks_late=True)
 def step_failed(self, failed_task_id: str = "", *, saga_id: str, **_ignored: Any) -> bool:
-    return services.saga_begin_compensation(saga_id=saga_id, failed_task_id=failed_task_id)
+    return services.saga_action_failed(
+        saga_id=saga_id,
+        failed_task_id=failed_task_id,
+        hard_time_limit=_hit_hard_time_limit(self.app, failed_task_id),
+    )
 
 
 @shared_task(bind=True, name=COMPENSATION_FAILED, acks_late=True)
-def compensation_failed(self, failed_task_id: str = "", *, saga_id: str, **_ignored: Any) -> bool:
-    return services.saga_fail_compensation(saga_id=saga_id, failed_task_id=failed_task_id)
+def compensation_failed(
+    self, failed_task_id: str = "", *, saga_id: str, round: int = 1, **_ignored: Any
+) -> bool:
+    return services.saga_fail_compensation(
+        saga_id=saga_id,
+        failed_task_id=failed_task_id,
+        round=round,
+        hard_time_limit=_hit_hard_time_limit(self.app, failed_task_id),
+    )
 
 
 @shared_task(name=FINISH_COMPENSATION, acks_late=True)
-def finish_compensation(*, saga_id: str, **_ignored: Any) -> bool:
-    return services.saga_finish_compensation(saga_id=saga_id)
+def finish_compensation(*, saga_id: str, round: int = 1, **_ignored: Any) -> bool:
+    return services.saga_finish_compensation(saga_id=saga_id, round=round)
+
+
+def _hit_hard_time_limit(app, failed_task_id: str) -> bool:
+    """Whether the failed task was killed by its hard time limit (its stored error says so).
+
+    Celery fails such a task without a retry, whatever its policy; the
+    services then retry it themselves. A result that cannot be read is no
+    hard limit.
+    """
+    if not failed_task_id:
+        return False
+    try:
+        return isinstance(app.AsyncResult(failed_task_id).result, TimeLimitExceeded)
+    except Exception:  # a missing or unreadable result: an ordinary failure
+        return False
 
 
 @shared_task(name="sagas.reconcile_pending", acks_late=True)
@@ -79,7 +106,9 @@ def register_step_tasks() -> list[str]:
 
 
 def _step_task(name: str, definition: SagaDefinition, index: int, step: Step, run) -> None:
-    def step_task(task, *, saga_id: str, **_ignored: Any) -> dict[str, Any]:
+    def step_task(task, *, saga_id: str, **options: Any) -> dict[str, Any]:
+        if run is run_compensation:
+            return run(task, definition, index, saga_id, round=options.get("round", 1))
         return run(task, definition, index, saga_id)
 
     step_task.__name__ = name.rsplit(".", 1)[1]

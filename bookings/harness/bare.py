@@ -88,15 +88,15 @@ def reserve_car_run(*, booking_id: str, **_ignored: Any) -> dict[str, Any]:
 
 
 def charge_payment_run(*, booking_id: str, card_token: str, **_ignored: Any) -> dict[str, Any]:
-    with transaction.atomic():
-        booking = selectors.booking_get(booking_id=booking_id)
-        charge = payments.charge_create(
-            amount=booking.total,
-            currency=booking.currency,
-            card_token=card_token,
-            idempotency_key=bare_charge_key(booking_id),
-            reference=f"booking:{booking.id}",
-        )
+    # Like the saga's external step: no transaction open across the gateway call.
+    booking = selectors.booking_get(booking_id=booking_id)
+    charge = payments.charge_create(
+        amount=booking.total,
+        currency=booking.currency,
+        card_token=card_token,
+        idempotency_key=bare_charge_key(booking_id),
+        reference=f"booking:{booking.id}",
+    )
     return {"charge": charge.gateway_charge_id, "amount": str(charge.amount)}
 
 

@@ -117,8 +117,8 @@ def test_charge_refund_refunds_the_whole_charge_once(key):
     k = key()
     ch = charge(k, amount="99.90")
 
-    refund = services.charge_refund(idempotency_key=k, reason="trip cancelled")
-    again = services.charge_refund(idempotency_key=k)
+    refund = services.charge_undo(idempotency_key=k, reason="trip cancelled")
+    again = services.charge_undo(idempotency_key=k)
 
     assert refund is not None
     assert again is not None
@@ -144,7 +144,7 @@ def test_charge_refund_after_a_timeout_recovers_the_charge_from_the_gateway(key)
         charge(k, card="tok_timeout", reference="booking:7")
     assert selectors.charge_for_key(idempotency_key=k) is None
 
-    refund = services.charge_refund(idempotency_key=k)
+    refund = services.charge_undo(idempotency_key=k)
 
     assert refund is not None
     assert refund.amount == Decimal("120.00")
@@ -166,7 +166,7 @@ def test_charge_refund_returns_none_when_nothing_was_charged(key, token):
         with pytest.raises(CardDeclined):
             charge(k, card=token)
 
-    assert services.charge_refund(idempotency_key=k) is None
+    assert services.charge_undo(idempotency_key=k) is None
     assert not Charge.objects.exists()
     assert not Refund.objects.exists()
 
@@ -176,7 +176,7 @@ def test_selectors_list_charges_by_reference_and_sum_the_ledger(key):
     charge(k1, amount="10.00", reference="booking:1")
     charge(k2, amount="20.00", reference="booking:1")
     charge(k3, amount="5.00", reference="booking:2")
-    services.charge_refund(idempotency_key=k2)
+    services.charge_undo(idempotency_key=k2)
 
     infos = selectors.charges_for_reference(reference="booking:1")
 
@@ -205,7 +205,7 @@ def test_concurrent_refunds_of_one_charge_refund_it_once(key):
     def run() -> None:
         try:
             start.wait()
-            refund = services.charge_refund(idempotency_key=k)
+            refund = services.charge_undo(idempotency_key=k)
             refund_ids.append(refund.pk if refund else None)
         finally:
             connection.close()
@@ -223,7 +223,7 @@ def test_concurrent_refunds_of_one_charge_refund_it_once(key):
 
 def test_charges_purge_deletes_a_references_charges_refunds_and_ledger_entries(key):
     refunded = charge(key(), reference="booking:purge")
-    services.charge_refund(idempotency_key=refunded.idempotency_key)
+    services.charge_undo(idempotency_key=refunded.idempotency_key)
     kept = charge(key(), reference="booking:kept")
 
     counts = services.charges_purge(references=["booking:purge"])

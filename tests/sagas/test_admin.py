@@ -616,7 +616,7 @@ def test_retry_compensation_moves_a_failed_saga_to_compensating_and_logs_the_ope
     assert len(publishes) == 1  # the compensation chain, published after commit
     note = SagaLog.objects.filter(saga=saga, phase=SagaLog.Phase.OPERATOR).get()
     assert note.status == LogStatus.NOTE
-    assert note.error == "compensation retried by admin"
+    assert note.error == "compensation retried by admin (round 1)"
     assert messages_of(response) == [f"Compensation retried for 1 saga(s): {str(saga.pk)[:8]}."]
 
 

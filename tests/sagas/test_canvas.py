@@ -46,3 +46,17 @@ def test_a_chain_of_a_type_whose_tasks_were_never_made_is_refused(scratch_regist
 
     with pytest.raises(StepTaskMissing, match=r"task late_saga\.only is not registered"):
         action_chain(late, "00000000-0000-0000-0000-000000000003")
+
+
+def test_every_compensation_message_carries_its_round_and_so_does_its_errback():
+    trip = registry.get("trip_booking")
+    saga_id = "00000000-0000-0000-0000-000000000004"
+
+    undo = compensation_chain(trip, saga_id, 4, round=3).tasks
+
+    for sig in undo:
+        assert sig.kwargs == {"saga_id": saga_id, "round": 3}
+    for sig in undo[:-1]:
+        [errback] = sig.options["link_error"]
+        assert errback["task"] == "sagas.compensation_failed"
+        assert errback["kwargs"] == {"saga_id": saga_id, "round": 3}

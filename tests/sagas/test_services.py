@@ -204,7 +204,7 @@ def test_two_errbacks_claiming_one_saga_at_once_let_exactly_one_win(broker):
     assert saga.failure_reason == f"claimed by {winner}"
     # Only the winner queued compensations: one chain, starting newest first.
     assert queued(broker) == [
-        ("inventory", "trip_booking.release_hotel", {"saga_id": str(saga.pk)})
+        ("inventory", "trip_booking.release_hotel", {"saga_id": str(saga.pk), "round": 1})
     ]
 
 
@@ -295,7 +295,7 @@ def test_retrying_compensation_puts_a_failed_saga_back_to_compensating_without_i
     assert saga.undo_cursor == 2
     assert "chaos" not in saga.context
     assert saga.context["booking_id"] == str(booking.pk)
-    assert notes(saga) == ["compensation retried by olga"]
+    assert notes(saga) == ["compensation retried by olga (round 2)"]
     # The retried compensation runs, and this time the hotel is released.
     assert undo(trip, saga, "reserve_hotel")["outcome"] == LogStatus.SUCCEEDED
     hotel = booking.lines.get(kind="hotel_room").hold_reference

@@ -124,7 +124,8 @@ def test_the_sql_count_runs_one_saga_through_the_step_wrapper():
         "release_flight",
     ]
     for row in actions + compensations:
-        # Lock the saga, move its counter, append the log row: nothing else.
+        # Lock (or, for a gateway step, read) the saga, move its counter, append
+        # the log row: nothing else.
         assert row[BOOKKEEPING] == 3, row["statements"]
         assert row[DOMAIN] > 0
         assert row["total"] == row[BOOKKEEPING] + row[DOMAIN]
