@@ -1,4 +1,9 @@
-"""Sagas over HTTP: list, detail with the whole log, stats, and the operator's retry."""
+"""Sagas over HTTP: list, detail with the whole log, stats, and the operator's retry.
+
+Customers see their saga's story: steps, phases, statuses, timing and a short
+public reason. Worker hosts, task ids, raw errors and operators' names are for
+staff, who get a serializer that extends the public one.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from drf_spectacular.utils import (
     OpenApiResponse,
     extend_schema,
     extend_schema_field,
+    extend_schema_serializer,
 )
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
@@ -19,7 +25,7 @@ from rest_framework.views import APIView
 
 from sagas import selectors, services
 from sagas.definitions import registry
-from sagas.errors import SagaNotFound
+from sagas.errors import SagaNotFound, UnknownSagaType
 from sagas.models import Saga, SagaLog
 
 
@@ -44,8 +50,104 @@ WINDOW_PARAMETERS = [
 ]
 
 
+def staff_only(**descriptions: str) -> dict[str, dict]:
+    """``Meta.extra_kwargs`` for fields only staff get: documented as optional."""
+    return {
+        name: {"required": False, "help_text": f"Staff only: {text}"}
+        for name, text in descriptions.items()
+    }
+
+
+# Public reasons come from statuses, phases and step names alone, never from the
+# raw error text: that holds exception messages, idempotency keys and operators' names.
+LOG_REASONS = {
+    SagaLog.Status.SUCCEEDED: "",
+    SagaLog.Status.SKIPPED: "nothing to undo",
+    SagaLog.Status.RETRYING: "temporary problem; tried again",
+    SagaLog.Status.FAILED: "could not be completed",
+    SagaLog.Status.TIMED_OUT: "no answer in time; undone to be safe",
+    SagaLog.Status.DUPLICATE: "repeated delivery; ignored",
+    SagaLog.Status.IGNORED: "arrived out of turn; ignored",
+    SagaLog.Status.NOTE: "reviewed by our team",
+}
+# A compensation that timed out is retried, not undone in turn.
+COMPENSATION_LOG_REASONS = {**LOG_REASONS, SagaLog.Status.TIMED_OUT: "no answer in time"}
+
+
+def saga_step_name(saga: Saga, index: int | None) -> str:
+    """The name of step ``index`` of the saga's type, or "a step" if there is none."""
+    try:
+        steps = registry.get(saga.saga_type).steps
+    except UnknownSagaType:
+        return "a step"
+    return steps[index].name if index is not None and index < len(steps) else "a step"
+
+
+def saga_public_reason(saga: Saga) -> str:
+    # ``current_step`` names the last step that succeeded, not the one that
+    # failed: that one is the step after the actions done, and the compensation
+    # that failed is the next one due below the undo cursor.
+    failed = saga_step_name(saga, saga.steps_done)
+    if saga.status == Saga.Status.COMPENSATING:
+        return f"{failed} could not be completed; undoing the steps already done"
+    if saga.status == Saga.Status.COMPENSATED:
+        return f"{failed} could not be completed; every step already done was undone"
+    if saga.status == Saga.Status.FAILED:
+        try:
+            due = registry.get(saga.saga_type).next_to_undo(saga.undo_cursor)
+        except UnknownSagaType:
+            due = None
+        outcome = "settled by our team" if saga.is_resolved else "our team has been alerted"
+        return f"undoing {saga_step_name(saga, due)} failed; {outcome}"
+    return ""
+
+
+class SagaLogOutputSerializer(serializers.ModelSerializer):
+    reason = serializers.SerializerMethodField(
+        help_text="A short public account of this row, from its status and phase alone."
+    )
+
+    class Meta:
+        model = SagaLog
+        fields = [
+            "id",
+            "step",
+            "step_index",
+            "phase",
+            "status",
+            "attempt",
+            "started_at",
+            "finished_at",
+            "duration_ms",
+            "reason",
+        ]
+
+    def get_reason(self, row: SagaLog) -> str:
+        reasons = (
+            COMPENSATION_LOG_REASONS if row.phase == SagaLog.Phase.COMPENSATION else LOG_REASONS
+        )
+        return reasons.get(row.status, "")
+
+
+# One component documents both shapes: the fields only staff get are optional.
+@extend_schema_serializer(component_name="SagaDetailApiOutputLog")
+class SagaLogStaffOutputSerializer(SagaLogOutputSerializer):
+    """One attempt of a step, or an operator's note. Staff also get its task, worker and error."""
+
+    class Meta(SagaLogOutputSerializer.Meta):
+        extra_kwargs = staff_only(
+            task_id="the Celery task id of this attempt.",
+            worker="the worker that ran it.",
+            error="the raw error, or the operator's note.",
+        )
+        fields = [*SagaLogOutputSerializer.Meta.fields, *extra_kwargs]
+
+
 class SagaOutputSerializer(serializers.ModelSerializer):
     url = serializers.SerializerMethodField()
+    reason = serializers.SerializerMethodField(
+        help_text="A short public account of how the saga went, from its status and step names."
+    )
 
     class Meta:
         model = Saga
@@ -62,14 +164,28 @@ class SagaOutputSerializer(serializers.ModelSerializer):
             "finished_at",
             "duration_ms",
             "deadline",
-            "failure_reason",
+            "reason",
             "resolved_at",
-            "resolved_by",
-            "resolution",
         ]
 
     def get_url(self, saga: Saga) -> str:
         return f"/api/sagas/{saga.id}/"
+
+    def get_reason(self, saga: Saga) -> str:
+        return saga_public_reason(saga)
+
+
+@extend_schema_serializer(component_name="SagaOutput")
+class SagaStaffOutputSerializer(SagaOutputSerializer):
+    """A saga. Staff also get the raw failure reason and how an operator settled it."""
+
+    class Meta(SagaOutputSerializer.Meta):
+        extra_kwargs = staff_only(
+            failure_reason="the raw cause of the failure.",
+            resolved_by="the operator who settled it by hand.",
+            resolution="how the operator settled it.",
+        )
+        fields = [*SagaOutputSerializer.Meta.fields, *extra_kwargs]
 
 
 class SagaCursorPagination(CursorPagination):
@@ -100,7 +216,7 @@ class SagaListApi(APIView):
             OpenApiParameter("saga_type", str, description="A registered saga type."),
             *WINDOW_PARAMETERS,
         ],
-        responses={200: SagaOutputSerializer(many=True)},
+        responses={200: SagaStaffOutputSerializer(many=True)},
     )
     def get(self, request: Request) -> Response:
         filterset = SagaFilterSet(
@@ -110,46 +226,43 @@ class SagaListApi(APIView):
             raise serializers.ValidationError(filterset.errors)
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(filterset.qs, request, view=self)
-        return paginator.get_paginated_response(SagaOutputSerializer(page, many=True).data)
+        output = SagaStaffOutputSerializer if request.user.is_staff else SagaOutputSerializer
+        return paginator.get_paginated_response(output(page, many=True).data)
 
 
 class SagaDetailApi(APIView):
     permission_classes = [IsAuthenticated]
 
     class OutputSerializer(SagaOutputSerializer):
-        class LogSerializer(serializers.ModelSerializer):
-            class Meta:
-                model = SagaLog
-                fields = [
-                    "id",
-                    "step",
-                    "step_index",
-                    "phase",
-                    "status",
-                    "attempt",
-                    "task_id",
-                    "worker",
-                    "started_at",
-                    "finished_at",
-                    "duration_ms",
-                    "error",
-                ]
-
         log = serializers.SerializerMethodField()
 
         class Meta(SagaOutputSerializer.Meta):
             fields = [*SagaOutputSerializer.Meta.fields, "log"]
 
-        @extend_schema_field(LogSerializer(many=True))
+        @extend_schema_field(SagaLogOutputSerializer(many=True))
         def get_log(self, saga: Saga) -> list[dict]:
-            return self.LogSerializer(selectors.saga_log(saga_id=saga.id), many=True).data
+            return SagaLogOutputSerializer(selectors.saga_log(saga_id=saga.id), many=True).data
 
-    @extend_schema(operation_id="sagas_retrieve", responses={200: OutputSerializer})
+    @extend_schema_serializer(component_name="SagaDetailApiOutput")
+    class StaffOutputSerializer(SagaStaffOutputSerializer):
+        """A saga and its whole log. Staff also get the fields marked "Staff only"."""
+
+        log = serializers.SerializerMethodField()
+
+        class Meta(SagaStaffOutputSerializer.Meta):
+            fields = [*SagaStaffOutputSerializer.Meta.fields, "log"]
+
+        @extend_schema_field(SagaLogStaffOutputSerializer(many=True))
+        def get_log(self, saga: Saga) -> list[dict]:
+            return SagaLogStaffOutputSerializer(selectors.saga_log(saga_id=saga.id), many=True).data
+
+    @extend_schema(operation_id="sagas_retrieve", responses={200: StaffOutputSerializer})
     def get(self, request: Request, saga_id) -> Response:
         saga = selectors.sagas_visible_to(request.user).filter(pk=saga_id).first()
         if saga is None:
             raise SagaNotFound(f"saga {saga_id} does not exist")
-        return Response(self.OutputSerializer(saga).data)
+        output = self.StaffOutputSerializer if request.user.is_staff else self.OutputSerializer
+        return Response(output(saga).data)
 
 
 class SagaStatsApi(APIView):
@@ -215,7 +328,7 @@ class SagaRetryCompensationApi(APIView):
         operation_id="sagas_retry_compensation",
         request=None,
         responses={
-            202: OpenApiResponse(SagaOutputSerializer, description="Compensating again."),
+            202: OpenApiResponse(SagaStaffOutputSerializer, description="Compensating again."),
             409: OpenApiResponse(description="The saga is not FAILED, or was resolved by hand."),
         },
     )
@@ -223,4 +336,4 @@ class SagaRetryCompensationApi(APIView):
         saga = services.saga_retry_compensation(
             saga_id=saga_id, operator=request.user.get_username()
         )
-        return Response(SagaOutputSerializer(saga).data, status=202)
+        return Response(SagaStaffOutputSerializer(saga).data, status=202)
