@@ -12,7 +12,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
-from payments.errors import InvalidAmount, UnsupportedCurrency
+from payments.errors import GatewayFaultsUnsupported, InvalidAmount, UnsupportedCurrency
 from payments.gateways import GatewayCharge, GatewayRefund, get_gateway
 from payments.models import Charge, LedgerEntry, Refund
 
@@ -82,10 +82,12 @@ def charge_refund(*, charge: Charge, refund_key: str, reason: str = "") -> Refun
     the gateway answers a repeated key with its first refund, so a call whose
     answer was lost is simply made again, and the refund is recorded after.
     """
+    # The charge first: a refund recorded under this key since commits with the
+    # charge's new total, so it is found below rather than "nothing left".
+    charge = Charge.objects.get(pk=charge.pk)  # what other refunds left, fresh
     existing = Refund.objects.filter(idempotency_key=refund_key).first()
     if existing is not None:
         return existing
-    charge = Charge.objects.get(pk=charge.pk)  # what other refunds left, fresh
     refundable = charge.amount - charge.refunded_amount
     if refundable <= 0:
         return None
@@ -214,6 +216,22 @@ def _charge_record(*, gateway_charge: GatewayCharge) -> Charge:
             raise
         return existing
     return charge
+
+
+def gateway_brownout(*, lost_s: float, unavailable_s: float) -> None:
+    """Open a gateway-wide brown-out (fake gateway only): answers lost, then 503s.
+
+    For chaos runs; ``GatewayFaultsUnsupported`` if the gateway cannot inject it.
+    """
+    gateway = get_gateway()
+    if not hasattr(gateway, "brownout"):
+        raise GatewayFaultsUnsupported(type(gateway).__name__)
+    gateway.brownout(lost_s=lost_s, unavailable_s=unavailable_s)
+
+
+def gateway_injects_faults() -> bool:
+    """Whether the configured gateway takes fault cards and brown-outs (the fake one does)."""
+    return hasattr(get_gateway(), "brownout")
 
 
 def _check_money(*, amount: Decimal, currency: str) -> None:
