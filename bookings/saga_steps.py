@@ -41,6 +41,13 @@ PAYMENT_RETRY = RetryPolicy(
 )
 
 
+# A payment's compensation must outlast a gateway outage of a minute or so:
+# 8 retries, backing off to 30 s, before an operator is needed.
+PAYMENT_COMPENSATION_RETRY = RetryPolicy(
+    max_retries=8, backoff_s=0.5, max_backoff_s=30.0, retry_on=(Exception,)
+)
+
+
 def _booking_id(saga: Saga) -> str:
     return saga.context["booking_id"]
 
@@ -152,6 +159,7 @@ trip_booking = SagaDefinition(
             refund_payment,
             queue="payments",
             retry=PAYMENT_RETRY,
+            compensation_retry=PAYMENT_COMPENSATION_RETRY,
             timeout_s=15,
             uncertain_on=(GatewayTimeout,),
             external=True,
@@ -247,6 +255,7 @@ booking_cancellation = SagaDefinition(
             recharge_payment,
             queue="payments",
             retry=PAYMENT_RETRY,
+            compensation_retry=PAYMENT_COMPENSATION_RETRY,
             timeout_s=15,
             uncertain_on=(GatewayTimeout,),
             external=True,

@@ -145,3 +145,19 @@ class GatewayChargePending(GatewayError):
             f"The capture for idempotency key {self.idempotency_key!r} is still being "
             "processed; try again."
         )
+
+
+class GatewayFaultsUnsupported(PaymentError):
+    """Asked to inject a fault the configured gateway cannot (only the fake one can)."""
+
+    code = "gateway_faults_unsupported"
+
+    def __init__(self, gateway: str) -> None:
+        super().__init__(gateway)
+        self.gateway = gateway
+
+    def __str__(self) -> str:
+        return (
+            f"The {self.gateway} gateway injects no faults; set "
+            "PAYMENTS_GATEWAY=payments.gateways.fake.FakeGateway."
+        )

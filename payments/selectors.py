@@ -9,7 +9,8 @@ from decimal import Decimal
 from django.db.models import DecimalField, Q, Sum, Value
 from django.db.models.functions import Coalesce
 
-from payments.models import Charge, LedgerEntry
+from payments.gateways import get_gateway
+from payments.models import Charge, LedgerEntry, Refund
 
 ZERO = Decimal("0.00")
 
@@ -61,6 +62,59 @@ def money_totals(
 def ledger_balance() -> Decimal:
     """The sum of every ledger entry: charges minus refunds."""
     return LedgerEntry.objects.aggregate(balance=_sum())["balance"]
+
+
+@dataclass(frozen=True)
+class GatewayBooks:
+    """What the gateway itself holds for one reference: its captures and refunds."""
+
+    reference: str
+    captured: Decimal
+    refunded: Decimal
+    # (idempotency key, amount) of each capture and refund, as the gateway keeps them.
+    charges: tuple[tuple[str, Decimal], ...]
+    refunds: tuple[tuple[str, Decimal], ...]
+
+    @property
+    def net(self) -> Decimal:
+        return self.captured - self.refunded
+
+
+def gateway_books(*, reference: str) -> GatewayBooks:
+    """The gateway's own books for ``reference``, read through the gateway interface."""
+    gateway = get_gateway()
+    charges = gateway.charges(reference=reference)
+    refunds = [refund for charge in charges for refund in gateway.refunds(charge_id=charge.id)]
+    return GatewayBooks(
+        reference=reference,
+        captured=sum((charge.amount for charge in charges), ZERO),
+        refunded=sum((refund.amount for refund in refunds), ZERO),
+        charges=tuple((charge.idempotency_key, charge.amount) for charge in charges),
+        refunds=tuple((refund.idempotency_key, refund.amount) for refund in refunds),
+    )
+
+
+def gateway_unrecorded(*, books: GatewayBooks) -> list[str]:
+    """Every capture or refund in the gateway's ``books`` that our ledger lacks or misstates."""
+    charges = dict(
+        Charge.objects.filter(reference=books.reference).values_list("idempotency_key", "amount")
+    )
+    refunds = dict(
+        Refund.objects.filter(charge__reference=books.reference).values_list(
+            "idempotency_key", "amount"
+        )
+    )
+    problems = []
+    for kind, ours, theirs in (
+        ("capture", charges, books.charges),
+        ("refund", refunds, books.refunds),
+    ):
+        for key, amount in theirs:
+            if key not in ours:
+                problems.append(f"gateway {kind} {key} of {amount} has no local record")
+            elif ours[key] != amount:
+                problems.append(f"gateway {kind} {key} is {amount}, ours {ours[key]}")
+    return problems
 
 
 def _sum(*, only: Q | None = None) -> Coalesce:

@@ -9,6 +9,7 @@ harness (``sagas.chaos``, ``sagas.bench``) does everything else.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from decimal import Decimal
 from typing import Any
@@ -25,6 +26,7 @@ from bookings.services import (
     TRIP_BOOKING,
     LineRequest,
     PaymentRequest,
+    booking_cancel,
     booking_create,
     bookings_purge,
 )
@@ -44,6 +46,12 @@ KINDS = [
 ITEMS_PER_KIND = {"bench": 8, "chaos": 1}
 BENCH_CAPACITY = 1_000_000
 CARD_TOKEN = "tok_ok"  # noqa: S105 - the fake gateway's card that always pays
+# The fake gateway's fault cards (payments/gateways/fake.py):
+TIMEOUT_CARD = "tok_timeout_1"  # captured, its answer lost once, then answered
+LATE_CARD = "tok_late"  # captured only after the timeout answer
+# A booking is cancelled at most this often in a run (a second cancellation
+# after a compensated first one is the path that once took money twice).
+MAX_CANCELLATIONS = 2
 
 
 class TripHarness(SagaHarness):
@@ -51,6 +59,12 @@ class TripHarness(SagaHarness):
     # No follows_broker: the fake gateway keeps its books on the broker's Redis
     # server one database further, so it follows REDIS_URL by itself.
     seed_mix = {TRIP_BOOKING: 0.85, BOOKING_CANCELLATION: 0.15}
+    chaos_flags = (
+        "--cancel-rate",
+        "--gateway-timeout-rate",
+        "--gateway-brownout",
+        "--gateway-late-rate",
+    )
 
     def __init__(self, definition, *, purpose: str, run_id: str) -> None:
         super().__init__(definition, purpose=purpose, run_id=run_id)
@@ -60,6 +74,70 @@ class TripHarness(SagaHarness):
         self.user_created = False
         self.currency = settings.PAYMENTS_CURRENCIES[0]
         self.total = sum((price for *_rest, price in KINDS), Decimal("0"))
+        self.seed = 0
+        self.timeout_rate = self.late_rate = 0.0
+        self.brownout_s = 0.0
+        self.brownout_at_s: float | None = None
+        self.cards: Counter = Counter()
+        self.cancellations: Counter = Counter()  # booking id -> cancellations started
+
+    # --- a chaos run's domain faults ---------------------------------------------
+    def configure(self, options, *, seed: int) -> None:
+        self.seed = seed
+        self.timeout_rate = options.gateway_timeout_rate
+        self.late_rate = options.gateway_late_rate
+        self.brownout_s = options.gateway_brownout
+        faults = self.timeout_rate or self.late_rate or self.brownout_s
+        if faults and not payment_services.gateway_injects_faults():
+            raise ValueError(
+                "--gateway-timeout-rate, --gateway-late-rate and --gateway-brownout are "
+                "faults of the fake gateway: set PAYMENTS_GATEWAY="
+                "payments.gateways.fake.FakeGateway"
+            )
+
+    @property
+    def follow_up_type(self) -> str:
+        return BOOKING_CANCELLATION
+
+    def card_for(self, index: int) -> str:
+        """The ``index``-th trip's card: the same for one seed, whatever else the run does."""
+        draw = random.Random(f"{self.seed}:card:{index}").random()
+        if draw < self.timeout_rate:
+            return TIMEOUT_CARD
+        if draw < self.timeout_rate + self.late_rate:
+            return LATE_CARD
+        return CARD_TOKEN
+
+    def follow_up(self, saga_id: str, *, chaos: dict[str, Any] | None) -> str | None:
+        """Cancel the saga's booking if it is CONFIRMED (after its trip, or a compensated
+        cancellation), at most MAX_CANCELLATIONS times per booking."""
+        booking = Booking.objects.filter(saga_id=saga_id).first() or (
+            Booking.objects.filter(cancel_saga_id=saga_id).first()
+        )
+        if booking is None or booking.status != Booking.Status.CONFIRMED:
+            return None
+        if self.cancellations[booking.id] >= MAX_CANCELLATIONS:
+            return None
+        self.cancellations[booking.id] += 1
+        return str(booking_cancel(booking_id=booking.id, chaos=chaos).cancel_saga_id)
+
+    def tick(self, *, at_s: float, dispatched: int, total: int) -> list[str]:
+        """Open the gateway brown-out once a third of the trips are out."""
+        if not self.brownout_s or self.brownout_at_s is not None or dispatched < total // 3:
+            return []
+        half = self.brownout_s / 2
+        payment_services.gateway_brownout(lost_s=half, unavailable_s=half)
+        self.brownout_at_s = round(at_s, 2)
+        return [
+            f"gateway brown-out at {at_s:.1f}s: answers lost for {half:g}s, then 503 for {half:g}s"
+        ]
+
+    def domain_faults(self) -> dict[str, int]:
+        return {
+            "gateway_timeout": self.cards[TIMEOUT_CARD],
+            "gateway_late": self.cards[LATE_CARD],
+            "gateway_brownout": int(self.brownout_at_s is not None),
+        }
 
     # --- stock and customer ----------------------------------------------------
     @transaction.atomic
@@ -102,12 +180,14 @@ class TripHarness(SagaHarness):
             "customer_name": f"{self.purpose.title()} {self.run_id} #{index + 1}",
             "customer_email": f"{self.purpose}@example.com",
             "lines": [LineRequest(sku=sku, quantity=1) for sku in line],
-            "payment": PaymentRequest(self.total, self.currency, CARD_TOKEN),
+            "payment": PaymentRequest(self.total, self.currency, self.card_for(index)),
         }
 
     # --- sagas -----------------------------------------------------------------
     def start(self, index: int, *, chaos: dict[str, Any] | None = None) -> str:
-        booking = booking_create(**self.booking_request(index), chaos=chaos or None)
+        request = self.booking_request(index)
+        self.cards[request["payment"].card_token] += 1
+        booking = booking_create(**request, chaos=chaos or None)
         self.booking_ids.append(str(booking.id))
         return str(booking.saga_id)
 

@@ -20,5 +20,8 @@ SAGA_CHAOS_ENABLED = True
 REST_FRAMEWORK = {**REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"auth": "10000/minute"}}  # noqa: F405
 # Short backoff keeps retry tests quick; the policy shape is the same.
 SAGA_RETRY_DELAY_SCALE = 0.05
+# tok_late captures land this much later: as short next to the scaled retry
+# budgets as the 2 s default is next to production's.
+PAYMENTS_FAKE_LATE_CAPTURE_S = 0.5
 # A saga type with no domain app behind it (tests/toy): proves the engine stands alone.
 INSTALLED_APPS = [*INSTALLED_APPS, "tests.toy"]  # noqa: F405

@@ -83,7 +83,8 @@ def check_all_terminal(rows: RunRows, *, undispatched: int = 0) -> InvariantResu
 def check_no_failed(rows: RunRows) -> InvariantResult:
     result = InvariantResult(
         "no_failed",
-        "no saga ended FAILED (injected compensation failures are transient and must heal)",
+        "no saga ended FAILED (injected compensation failures heal, by themselves or "
+        "through the run's operator retries)",
     )
     for saga_id, saga in rows.sagas.items():
         if saga["status"] == Status.FAILED:

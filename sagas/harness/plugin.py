@@ -97,6 +97,8 @@ class SagaHarness:
     follows_broker: tuple[str, ...] = ()
     #: Saga types and their shares for ``seed_sagas``; by default this type only.
     seed_mix: dict[str, float] | None = None
+    #: The chaos command's domain flags this plug-in carries out (e.g. "--cancel-rate").
+    chaos_flags: tuple[str, ...] = ()
 
     def __init__(self, definition: SagaDefinition, *, purpose: str, run_id: str) -> None:
         self.definition = definition
@@ -120,6 +122,33 @@ class SagaHarness:
         ``saga_publish`` would leave it.
         """
         raise NotImplementedError
+
+    # --- a chaos run's domain faults (optional) ----------------------------------
+    def configure(self, options: Any, *, seed: int) -> None:
+        """Take a chaos run's options before it starts (the flags in ``chaos_flags``).
+
+        Raise ``ValueError`` naming the flag if this world cannot honour it.
+        """
+
+    def follow_up(self, saga_id: str, *, chaos: dict[str, Any] | None) -> str | None:
+        """Start the follow-up of a saga that just ended (``--cancel-rate``: a cancellation).
+
+        Return the new saga's id, or None if this saga has none to follow it.
+        """
+        return None
+
+    @property
+    def follow_up_type(self) -> str:
+        """The saga type ``follow_up`` starts; empty if it starts none."""
+        return ""
+
+    def tick(self, *, at_s: float, dispatched: int, total: int) -> list[str]:
+        """Called on every tick of a chaos run: faults on a schedule. Returns what to report."""
+        return []
+
+    def domain_faults(self) -> dict[str, int]:
+        """How many of each domain fault the run injected, for its report."""
+        return {}
 
     def invariants(self, saga_ids: list[str]) -> list[InvariantResult]:
         """The domain's invariants over the run's sagas, once every saga has settled."""

@@ -13,8 +13,10 @@ from django.utils import timezone
 from bookings.harness import TripHarness
 from bookings.models import Booking, BookingLine
 from bookings.saga_steps import trip_booking
+from bookings.services import charge_key
 from inventory import services as inventory
-from payments.models import Charge, LedgerEntry, Refund
+from payments import services as payments
+from payments.gateways import get_gateway
 from sagas.chaos.invariants import check_run
 from sagas.models import Saga, SagaLog
 
@@ -59,6 +61,7 @@ class Trips:
             saga_id=saga.id,
             status=booking_status,
         )
+        Saga.objects.filter(pk=saga.pk).update(business_key=f"booking:{booking.id}")
         for item in self.items.values():
             BookingLine.objects.create(
                 booking=booking,
@@ -96,39 +99,17 @@ class Trips:
             inventory.hold_release(reference=line.hold_reference)
 
     def charge(self, booking, *, key=None, refund=False):
-        charge = Charge.objects.create(
-            idempotency_key=key or f"unit:{uuid.uuid4().hex}",
-            reference=f"booking:{booking.id}",
+        """Charge (and refund) through payments and the real fake gateway, as a run would."""
+        key = key or f"unit:{uuid.uuid4().hex}"
+        payments.charge_create(
             amount=booking.total,
             currency="EUR",
-            gateway_charge_id=uuid.uuid4().hex,
-        )
-        LedgerEntry.objects.create(
-            entry_type="CHARGE",
-            amount=charge.amount,
-            currency="EUR",
-            charge=charge,
-            reference=charge.reference,
+            card_token="tok_ok",
+            idempotency_key=key,
+            reference=f"booking:{booking.id}",
         )
         if refund:
-            given = Refund.objects.create(
-                charge=charge,
-                idempotency_key=f"refund:{charge.idempotency_key}",
-                amount=charge.amount,
-                currency="EUR",
-                gateway_refund_id=uuid.uuid4().hex,
-            )
-            LedgerEntry.objects.create(
-                entry_type="REFUND",
-                amount=-given.amount,
-                currency="EUR",
-                charge=charge,
-                refund=given,
-                reference=charge.reference,
-            )
-            Charge.objects.filter(pk=charge.pk).update(
-                refunded_amount=charge.amount, status=Charge.Status.REFUNDED
-            )
+            payments.charge_undo(idempotency_key=key)
 
     def completed(self):
         saga, booking = self.saga(
@@ -136,7 +117,7 @@ class Trips:
         )
         for kind in self.items:
             self.hold(booking, kind, then="confirm")
-        self.charge(booking)
+        self.charge(booking, key=charge_key(saga.id))
         return saga, booking
 
     def compensated_at_car(self, *, release_hotel=True, compensations=None):
@@ -196,10 +177,15 @@ def test_a_run_that_kept_every_invariant_passes(trips):
         "compensation_order",
         "completed_consistent",
         "compensated_consistent",
+        "cancellations_consistent",
+        "bookings_settled",
         "inventory_balanced",
         "money_balanced",
+        "gateway_books_balanced",
+        "gateway_captures_recorded",
     ]
     assert "net 360.00, confirmed bookings 360.00" in results["money_balanced"].note
+    assert "net 360.00" in results["gateway_books_balanced"].note
 
 
 @pytest.mark.django_db
@@ -224,10 +210,17 @@ def test_a_completed_saga_charged_twice_is_flagged(trips):
     results = trips.check((saga, booking))
 
     assert failing(results) == {
-        "completed_consistent": [str(saga.id)],
         "money_balanced": [str(saga.id)],
+        "gateway_books_balanced": [str(saga.id)],
     }
-    assert results["completed_consistent"].details[str(saga.id)] == "2 charges instead of one"
+    assert results["money_balanced"].details[str(saga.id)] == (
+        f"booking {booking.id} CONFIRMED: charged 720.00, refunded 0.00, net 720.00, "
+        "expected 360.00"
+    )
+    assert results["gateway_books_balanced"].details[str(saga.id)] == (
+        f"booking {booking.id} CONFIRMED: gateway captured 720.00, refunded 0.00, "
+        "net 720.00, expected 360.00"
+    )
 
 
 @pytest.mark.django_db
@@ -239,8 +232,63 @@ def test_a_compensated_saga_whose_charge_was_not_refunded_is_flagged(trips):
     assert failing(results) == {
         "compensated_consistent": [str(saga.id)],
         "money_balanced": [str(saga.id)],
+        "gateway_books_balanced": [str(saga.id)],
     }
     assert "charges - refunds = 360.00" in results["compensated_consistent"].details[str(saga.id)]
+
+
+@pytest.mark.django_db
+def test_money_only_the_gateway_holds_is_flagged_with_the_booking_and_amounts(trips):
+    # Path 1 as it used to end: our ledger shows nothing, the gateway kept the money.
+    saga, booking = trips.compensated_at_car()
+    key = f"saga:{saga.id}:charge_payment"
+    get_gateway().charge(
+        amount=booking.total,
+        currency="EUR",
+        card_token="tok_ok",
+        idempotency_key=key,
+        reference=f"booking:{booking.id}",
+    )
+
+    results = trips.check((saga, booking))
+
+    assert failing(results) == {
+        "gateway_books_balanced": [str(saga.id)],
+        "gateway_captures_recorded": [str(saga.id)],
+    }
+    assert results["gateway_books_balanced"].details[str(saga.id)] == (
+        f"booking {booking.id} REJECTED: gateway captured 360.00, refunded 0.00, "
+        "net 360.00, expected 0.00"
+    )
+    assert results["gateway_captures_recorded"].details[str(saga.id)] == (
+        f"booking {booking.id}: gateway capture {key} of 360.00 has no local record"
+    )
+
+
+@pytest.mark.django_db
+def test_a_cancelled_booking_still_paid_and_a_booking_left_cancelling_are_flagged(trips):
+    trip, booking = trips.completed()
+    cancellation = Saga.objects.create(
+        saga_type="booking_cancellation",
+        business_key=f"booking:{booking.id}",
+        status="COMPLETED",
+        steps_done=5,
+    )
+    Booking.objects.filter(pk=booking.pk).update(status="CANCELLED")
+    stuck_trip, stuck = trips.completed()
+    Booking.objects.filter(pk=stuck.pk).update(status="CANCELLING")
+
+    results = trips.check((trip, booking), (cancellation, None), (stuck_trip, stuck))
+
+    failed = failing(results)
+    assert failed["cancellations_consistent"] == [str(cancellation.id)]
+    assert failed["bookings_settled"] == [str(stuck_trip.id)]
+    assert results["bookings_settled"].details[str(stuck_trip.id)] == (
+        f"booking {stuck.id} is CANCELLING"
+    )
+    details = results["cancellations_consistent"].details[str(cancellation.id)]
+    assert f"booking {booking.id}: hold" in details
+    assert "charges - refunds = 360.00, not 0" in details
 
 
 @pytest.mark.django_db

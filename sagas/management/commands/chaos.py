@@ -13,7 +13,9 @@ class Command(BaseCommand):
         "Run sagas of one type (--saga-type, default trip_booking) through real Celery "
         "workers while injecting faults "
         "(permanent and transient step failures, failing compensations, duplicate deliveries, "
-        "killed worker processes, a broker restart), wait until every saga is terminal, check "
+        "killed worker processes, a broker restart, and the plug-in's own: cancellations and "
+        "payment gateway faults for trips), optionally retry FAILED sagas as an operator "
+        "would, wait until every saga is terminal, check "
         "the invariants of DESIGN.md section 4 and print a report. Exits non-zero if any "
         "invariant fails. No beat runs during the run: the command itself calls the "
         "reconciler (sagas_reconcile_pending) and the stall sweeper (sagas_recover_stalled) "
@@ -69,6 +71,43 @@ class Command(BaseCommand):
             default=None,
             metavar="P",
             help="probability that a saga gets one step message delivered a second time",
+        )
+        parser.add_argument(
+            "--cancel-rate",
+            type=float,
+            default=None,
+            metavar="P",
+            help="share of finished sagas the plug-in follows up while the run goes on "
+            "(trips: cancel that share of confirmed bookings, with faults of their own)",
+        )
+        parser.add_argument(
+            "--gateway-timeout-rate",
+            type=float,
+            default=None,
+            metavar="P",
+            help="trips: share of bookings whose first capture is made but its answer lost",
+        )
+        parser.add_argument(
+            "--gateway-brownout",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="trips: a gateway brown-out of this long a third into the run: answers "
+            "lost for the first half, then 503 (nothing charged) for the second",
+        )
+        parser.add_argument(
+            "--gateway-late-rate",
+            type=float,
+            default=None,
+            metavar="P",
+            help="trips: share of bookings whose capture lands at the gateway only after "
+            "the attempt was answered with a timeout",
+        )
+        parser.add_argument(
+            "--operator-retry",
+            action="store_true",
+            help="retry FAILED sagas' compensation as an operator would (up to 3 times); "
+            "--compensation-fail-rate then fails compensations for good, until retried",
         )
         parser.add_argument(
             "--workers",
@@ -129,7 +168,16 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, **options) -> None:
-        rates = ("fail_rate", "transient_rate", "compensation_fail_rate", "duplicate_rate")
+        rates = (
+            "fail_rate",
+            "transient_rate",
+            "compensation_fail_rate",
+            "duplicate_rate",
+            "cancel_rate",
+            "gateway_timeout_rate",
+            "gateway_brownout",
+            "gateway_late_rate",
+        )
         given = [name for name in (*rates, "kill_workers") if options[name] is not None]
         for name in (*rates, "kill_workers"):
             options[name] = options[name] or 0
@@ -143,6 +191,11 @@ class Command(BaseCommand):
             transient_rate=options["transient_rate"],
             compensation_fail_rate=options["compensation_fail_rate"],
             duplicate_rate=options["duplicate_rate"],
+            cancel_rate=options["cancel_rate"],
+            gateway_timeout_rate=options["gateway_timeout_rate"],
+            gateway_brownout=options["gateway_brownout"],
+            gateway_late_rate=options["gateway_late_rate"],
+            operator_retry=options["operator_retry"],
             workers=options["workers"],
             topology=options["topology"],
             kill_workers=options["kill_workers"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from bookings.saga_steps import trip_booking
@@ -102,6 +104,16 @@ def test_fail_step_fails_every_saga_at_that_step_or_earlier():
         ({"timeout": 0}, "--timeout must be more than 0 seconds, not 0"),
         ({"capacity": 0}, "--capacity must be a whole number of at least 1, not 0"),
         ({"json_path": "/no/such/dir/report.json"}, "--json /no/such/dir/report.json: directory"),
+        ({"cancel_rate": 1.01}, "--cancel-rate must be a probability between 0 and 1, not 1.01"),
+        ({"gateway_timeout_rate": -1}, "--gateway-timeout-rate must be a probability"),
+        ({"gateway_late_rate": float("inf")}, "--gateway-late-rate must be a probability"),
+        (
+            {"gateway_timeout_rate": 0.6, "gateway_late_rate": 0.5},
+            "--gateway-timeout-rate and --gateway-late-rate pick one card per saga: "
+            "together at most 1, not 1.1",
+        ),
+        ({"gateway_brownout": -2}, "--gateway-brownout must be seconds between 0 and 600, not -2"),
+        ({"gateway_brownout": 601}, "--gateway-brownout must be seconds between 0 and 600"),
     ],
 )
 def test_invalid_options_are_refused_naming_the_flag(options, message):
@@ -176,3 +188,21 @@ def test_no_fault_flag_means_the_default_mix_and_a_zero_flag_means_none():
     assert ChaosOptions(no_faults=True).with_faults().fail_rate == 0.0
     with pytest.raises(ChaosConfigError, match="--no-faults contradicts --duplicate-rate"):
         ChaosOptions(no_faults=True, duplicate_rate=0.1).with_faults()
+
+
+def test_with_operator_retry_compensation_faults_are_for_good():
+    undo = {"reserve_flight": "release_flight", "reserve_hotel": "release_hotel"}
+    options = ChaosOptions(sagas=200, fail_rate=0.3, compensation_fail_rate=1.0)
+
+    healing = draw_plans(options, seed=3, actions=ACTIONS, compensations=undo)
+    for_good = draw_plans(
+        replace(options, operator_retry=True), seed=3, actions=ACTIONS, compensations=undo
+    )
+
+    assert any("compensation_transient" in plan.chaos for plan in healing)
+    assert not any("compensation_fail" in plan.chaos for plan in healing)
+    assert not any("compensation_transient" in plan.chaos for plan in for_good)
+    # The same sagas get the fault, only its kind changes.
+    assert [sorted(p.chaos.get("compensation_transient", {})) for p in healing] == [
+        p.chaos.get("compensation_fail", []) for p in for_good
+    ]

@@ -24,8 +24,12 @@ INVARIANTS = {
     "no_failed",
     "completed_consistent",
     "compensated_consistent",
+    "cancellations_consistent",
+    "bookings_settled",
     "inventory_balanced",
     "money_balanced",
+    "gateway_books_balanced",
+    "gateway_captures_recorded",
     "one_success_per_step",
     "compensation_order",
 }
@@ -92,9 +96,65 @@ def test_the_ci_chaos_run_keeps_every_invariant(celery_worker, tmp_path):
     assert 0 < report["duration_ms"]["p50"] <= report["duration_ms"]["p95"]
     assert report["duration_ms"]["p95"] <= report["duration_ms"]["p99"]
     assert "Result: every invariant holds" in out
-    assert "PASS  money: charges - refunds" in out
+    assert "PASS  our ledger: per booking, charges - refunds" in out
+    assert "PASS  at the gateway: per booking, captured - refunded" in out
     assert "killed pool process" in err
     assert "dispatched 100/100  terminal 100/100" in err
+
+
+def test_the_ci_money_run_cancels_breaks_the_gateway_and_retries_as_an_operator(
+    celery_worker, tmp_path
+):
+    """The issue's long run, short: cancellations, gateway faults and operator retries."""
+    report, out, err = chaos(
+        tmp_path,
+        "--sagas=60",
+        "--concurrency=15",
+        "--workers=2",
+        "--kill-workers=1",
+        "--fail-rate=0.1",
+        "--transient-rate=0.1",
+        "--compensation-fail-rate=0.2",
+        "--duplicate-rate=0.1",
+        "--cancel-rate=0.6",
+        "--gateway-timeout-rate=0.15",
+        "--gateway-brownout=3",
+        "--gateway-late-rate=0.1",
+        "--operator-retry",
+        "--seed=7",
+        "--timeout=240",
+        "--keep",
+    )
+
+    assert_every_invariant_passed(report)
+    assert report["sagas"]["total"] == 60
+    faults = report["faults"]
+    for kind in (
+        "fail",
+        "compensation_fail",
+        "follow_up",
+        "operator_retry",
+        "gateway_timeout",
+        "gateway_late",
+    ):
+        assert faults[kind] > 0, kind
+    assert faults["gateway_brownout"] == 1
+    assert faults["compensation_transient"] == 0  # --operator-retry: every one is for good
+    follow_ups = report["follow_ups"]
+    assert follow_ups["saga_type"] == "booking_cancellation"
+    assert follow_ups["started"] == faults["follow_up"]
+    assert set(follow_ups["by_status"]) <= {"COMPLETED", "COMPENSATED"}
+    assert sum(follow_ups["by_status"].values()) == follow_ups["started"]
+    assert report["operator_retries"]["retries"] == faults["operator_retry"]
+    # The run's bookings end settled and their money is right at the gateway too.
+    bookings = Booking.objects.filter(
+        lines__sku__startswith=f"CHAOS-{report['run_id']}-"
+    ).distinct()
+    assert set(bookings.values_list("status", flat=True)) <= {"CONFIRMED", "CANCELLED", "REJECTED"}
+    assert bookings.filter(status="CANCELLED").exists()
+    assert "gateway brown-out at" in err
+    assert "PASS  at the gateway: per booking, captured - refunded" in out
+    assert "Follow-ups (booking_cancellation, --cancel-rate)" in out
 
 
 def test_the_invariants_hold_with_one_worker_per_context_queue(celery_worker, tmp_path):
@@ -213,6 +273,15 @@ def test_a_run_that_times_out_lists_the_open_sagas_and_fails(celery_worker, tmp_
         (["--topology=ring"], "argument --topology: invalid choice: 'ring'"),
         (["--sagas=many"], "argument --sagas: invalid int value: 'many'"),
         (["--no-faults", "--fail-rate=0.1"], "--no-faults contradicts --fail-rate"),
+        (["--no-faults", "--cancel-rate=0.1"], "--no-faults contradicts --cancel-rate"),
+        (["--cancel-rate=2"], "--cancel-rate must be a probability between 0 and 1, not 2.0"),
+        (["--gateway-brownout=-5"], "--gateway-brownout must be seconds between 0 and 600"),
+        (["--gateway-late-rate=x"], "argument --gateway-late-rate: invalid float value: 'x'"),
+        (
+            ["--saga-type=toy_saga", "--gateway-timeout-rate=0.1", "--cancel-rate=0.2"],
+            "--cancel-rate, --gateway-timeout-rate: the toy_saga plug-in does not inject "
+            "these faults",
+        ),
         (["--saga-type=boat_trip"], "--saga-type: unknown saga type 'boat_trip'"),
         (
             ["--saga-type=booking_cancellation"],
