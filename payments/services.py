@@ -82,6 +82,10 @@ def charge_refund(*, charge: Charge, refund_key: str, reason: str = "") -> Refun
     the gateway answers a repeated key with its first refund, so a call whose
     answer was lost is simply made again, and the refund is recorded after.
     """
+    # What the gateway gave back on this charge, whoever asked: a refund whose
+    # answer was lost (another saga's, say) is recorded first, so what is left
+    # to refund is the gateway's figure, not our guess.
+    _refunds_sync(charge)
     # The charge first: a refund recorded under this key since commits with the
     # charge's new total, so it is found below rather than "nothing left".
     charge = Charge.objects.get(pk=charge.pk)  # what other refunds left, fresh
@@ -150,6 +154,15 @@ def charges_sync(*, reference: str) -> list[Charge]:
         for gateway_charge in get_gateway().charges(reference=reference)
         if gateway_charge.idempotency_key not in known
     ]
+
+
+def _refunds_sync(charge: Charge) -> None:
+    known = set(Refund.objects.filter(charge=charge).values_list("idempotency_key", flat=True))
+    for gateway_refund in get_gateway().refunds(charge_id=charge.gateway_charge_id):
+        if gateway_refund.idempotency_key not in known:
+            _refund_record(
+                charge=charge, gateway_refund=gateway_refund, reason="found at the gateway"
+            )
 
 
 @transaction.atomic

@@ -440,10 +440,12 @@ class FakeGateway(Gateway):
             while True:
                 try:
                     pipe.watch(refund_key, refunded_key)
-                    existing = pipe.get(refund_key)
+                    # One read of both: two GETs could see another refund's
+                    # total without its key, and refuse a repeat of that refund.
+                    existing, total = pipe.mget(refund_key, refunded_key)
                     if existing is not None:
                         return _refund_from_json(existing)
-                    refunded = Decimal(pipe.get(refunded_key) or "0")
+                    refunded = Decimal(total or "0")
                     if refunded + amount > charge.amount:
                         raise RefundExceedsCharge(charge_id, amount, charge.amount - refunded)
                     refund = GatewayRefund(
