@@ -166,14 +166,21 @@ def check_compensated(rows: TripRows) -> InvariantResult:
         "COMPENSATED trip: booking REJECTED, no live hold, charges - refunds = 0",
     )
     for saga_id, booking in rows.sagas_of(TRIP_BOOKING, Status.COMPENSATED, result):
-        name = f"booking {booking.id}"
-        if booking.status != Booking.Status.REJECTED:
-            result.flag(saga_id, f"{name} is {booking.status}")
-        for problem in rows.live_holds(booking):
-            result.flag(saga_id, f"{name}: {problem}")
-        if rows.net(booking) != 0:
-            result.flag(saga_id, f"{name}: charges - refunds = {money(rows.net(booking))}")
+        flag_unless_undone(rows, result, saga_id, booking, Booking.Status.REJECTED)
     return result
+
+
+def flag_unless_undone(
+    rows: TripRows, result: InvariantResult, saga_id: str, booking: Booking, status: str
+) -> None:
+    """Flag the saga unless its booking is ``status`` with no live hold and nothing paid."""
+    name = f"booking {booking.id}"
+    if booking.status != status:
+        result.flag(saga_id, f"{name} is {booking.status}")
+    for problem in rows.live_holds(booking):
+        result.flag(saga_id, f"{name}: {problem}")
+    if rows.net(booking) != 0:
+        result.flag(saga_id, f"{name}: charges - refunds = {money(rows.net(booking))}")
 
 
 def check_cancellations(rows: TripRows) -> InvariantResult:
@@ -184,13 +191,7 @@ def check_cancellations(rows: TripRows) -> InvariantResult:
     )
     later = rows.cancellations()
     for saga_id, booking in rows.sagas_of(BOOKING_CANCELLATION, Status.COMPLETED, result):
-        name = f"booking {booking.id}"
-        if booking.status != Booking.Status.CANCELLED:
-            result.flag(saga_id, f"{name} is {booking.status}")
-        for problem in rows.live_holds(booking):
-            result.flag(saga_id, f"{name}: {problem}")
-        if rows.net(booking) != 0:
-            result.flag(saga_id, f"{name}: charges - refunds = {money(rows.net(booking))}, not 0")
+        flag_unless_undone(rows, result, saga_id, booking, Booking.Status.CANCELLED)
     for saga_id, booking in rows.sagas_of(BOOKING_CANCELLATION, Status.COMPENSATED, result):
         name = f"booking {booking.id}"
         sagas = later.get(str(booking.id), [])

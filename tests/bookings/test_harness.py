@@ -288,7 +288,7 @@ def test_a_cancelled_booking_still_paid_and_a_booking_left_cancelling_are_flagge
     )
     details = results["cancellations_consistent"].details[str(cancellation.id)]
     assert f"booking {booking.id}: hold" in details
-    assert "charges - refunds = 360.00, not 0" in details
+    assert "charges - refunds = 360.00" in details
 
 
 @pytest.mark.django_db
