@@ -61,6 +61,7 @@ def staff_only(**descriptions: str) -> dict[str, dict]:
 # Public reasons come from statuses, phases and step names alone, never from the
 # raw error text: that holds exception messages, idempotency keys and operators' names.
 LOG_REASONS = {
+    SagaLog.Status.STARTED: "in progress",
     SagaLog.Status.SUCCEEDED: "",
     SagaLog.Status.SKIPPED: "nothing to undo",
     SagaLog.Status.RETRYING: "temporary problem; tried again",

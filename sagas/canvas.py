@@ -9,7 +9,9 @@ stamping, which chains do not carry reliably.
 
 Every action carries ``link_error`` to ``sagas.step_failed`` and every
 compensation to ``sagas.compensation_failed``, both bound tasks, so Celery
-queues them as tasks of their own after the last retry.
+queues them as tasks of their own after the last retry. The errback's
+arguments name the step (and the compensation round), so a report from a
+stale copy of a step the saga has passed changes nothing.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _step(name: str, definition: SagaDefinition, index: int, saga_id: str, errba
         kwargs={"saga_id": saga_id, **kwargs},
         immutable=True,
         queue=definition.steps[index].queue,
-    ).on_error(saga_task(errback, saga_id, **kwargs))
+    ).on_error(saga_task(errback, saga_id, **kwargs, step=index))
 
 
 def action_chain(definition: SagaDefinition, saga_id: str, start: int = 0) -> Signature:

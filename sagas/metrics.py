@@ -196,6 +196,8 @@ class StepDurations:
         # them, because the bound trails the watermark by one lag.
         rows = (
             SagaLog.objects.filter(id__gt=self.min_id, phase__in=STEP_PHASES)
+            # A call still out has no duration yet; its row is counted once it ends.
+            .exclude(status=SagaLog.Status.STARTED)
             .values("step", "phase")
             .annotate(
                 **_bucket_aggregates(STEP_BUCKETS_S, prefix="new_", where=new),

@@ -102,6 +102,7 @@ class SagaLog(models.Model):
         OPERATOR = "operator", "Operator"
 
     class Status(models.TextChoices):
+        STARTED = "started", "Called out, answer pending"
         SUCCEEDED = "succeeded", "Succeeded"
         SKIPPED = "skipped", "Skipped"
         RETRYING = "retrying", "Failed, will retry"

@@ -82,6 +82,15 @@ class _Attempt:
         return self.task.request.retries + 1
 
     round: int = 0
+    # An external step's call went out: whatever fails after that may have had
+    # an effect (a refund loop that failed halfway, a record that failed after
+    # the gateway acted), and is undone to be safe.
+    called_out: bool = False
+    # Undoing what a late copy left behind: retried on the compensation's budget.
+    undoing: bool = False
+    # The STARTED row written before an external call; the attempt's outcome
+    # overwrites it, so a row left STARTED is a call that may still land.
+    marker: SagaLog | None = None
 
     @property
     def redelivered(self) -> bool:
@@ -89,10 +98,30 @@ class _Attempt:
         delivery = getattr(self.task.request, "delivery_info", None) or {}
         return bool(delivery.get("redelivered"))
 
+    def mark_started(self) -> None:
+        """Record, before an external call goes out, that its effect may land from now on."""
+        self.marker = self.log(SagaLog.Status.STARTED, may_have_effect=True)
+
     def log(
         self, status: str, *, error: str = "", result: Any = None, may_have_effect: bool = False
     ) -> SagaLog:
         finished = timezone.now()
+        if self.marker is not None:
+            row, self.marker = self.marker, None
+            row.status, row.error, row.result = status, error, result
+            row.may_have_effect = may_have_effect
+            row.finished_at, row.duration_ms = finished, elapsed_ms(self.started, finished)
+            row.save(
+                update_fields=[
+                    "status",
+                    "error",
+                    "result",
+                    "may_have_effect",
+                    "finished_at",
+                    "duration_ms",
+                ]
+            )
+            return row
         return SagaLog.objects.create(
             saga_id=self.saga_id,
             step=self.name,
@@ -152,7 +181,9 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
     except (Ignore, Retry):
         raise
     except Exception as exc:
-        _fail(attempt, exc, step.retry, uncertain=isinstance(exc, step.uncertain_on))
+        uncertain = attempt.called_out or isinstance(exc, step.uncertain_on)
+        policy = step.compensation_retry if attempt.undoing else step.retry
+        _fail(attempt, exc, policy, uncertain=uncertain)
     return attempt.reply(SagaLog.Status.SUCCEEDED)
 
 
@@ -160,9 +191,10 @@ def _external_action(attempt: _Attempt) -> None:
     step = attempt.step
     saga = _read(attempt.saga_id)
     if outcome := _action_not_due(attempt, saga):
-        _undo_stranded_effect(attempt, saga)
-        raise outcome
+        raise _undo_stranded_effect(attempt, saga, outcome)
     faults.before_action(saga, step.name, attempt.number)
+    attempt.called_out = True
+    attempt.mark_started()
     result = step.action(saga)  # no transaction open: the call may take seconds
     with transaction.atomic():
         # The conditional UPDATE is the barrier here: a concurrent copy or the
@@ -170,10 +202,10 @@ def _external_action(attempt: _Attempt) -> None:
         if _commit_action(attempt, saga, result):
             return
     saga = _read(attempt.saga_id)
-    _undo_stranded_effect(attempt, saga)
-    raise _action_not_due(attempt, saga) or _Outcome(
+    outcome = _action_not_due(attempt, saga) or _Outcome(
         SagaLog.Status.DUPLICATE, "already done", continue_chain=True
     )
+    raise _undo_stranded_effect(attempt, saga, outcome)
 
 
 def _action_not_due(attempt: _Attempt, saga: Saga) -> _Outcome | None:
@@ -223,7 +255,7 @@ def _commit_action(attempt: _Attempt, saga: Saga, result: Any) -> bool:
     return bool(moved)
 
 
-def _undo_stranded_effect(attempt: _Attempt, saga: Saga) -> None:
+def _undo_stranded_effect(attempt: _Attempt, saga: Saga, outcome: _Outcome) -> _Outcome:
     """Undo what an external action may have done if the saga's compensation will not.
 
     The action never committed (``steps_done`` did not pass it), so the
@@ -231,22 +263,33 @@ def _undo_stranded_effect(attempt: _Attempt, saga: Saga) -> None:
     passed this step, or the saga ended, an effect that landed meanwhile (this
     copy's, or a lost earlier copy's) would stay. The compensation is keyed
     like the action, so running it here and there is harmless.
+
+    The outcome is returned, its reason saying what was undone, for the
+    IGNORED row that records this delivery; a failure is retried on the
+    compensation's budget.
     """
     step, index = attempt.step, attempt.index
     if step.compensation is None or saga.steps_done > index:
-        return
+        return outcome
     if saga.status not in (Saga.Status.COMPENSATING, Saga.Status.COMPENSATED, Saga.Status.FAILED):
-        return
-    if saga.status == Saga.Status.COMPENSATING and saga.undo_cursor > index:
-        return  # its compensation is still to come and settles the effect
+        return outcome
+    if saga.status != Saga.Status.COMPENSATED and saga.undo_cursor > index:
+        # Its compensation is still to come (or comes with an operator's
+        # retry of a FAILED saga) and settles the effect.
+        return outcome
+    attempt.undoing = True
     result = step.compensation(saga)
-    if result is not None:
-        logger.warning(
-            "saga %s: %s arrived after the saga moved on; its effect was undone: %s",
-            attempt.saga_id,
-            step.name,
-            result,
-        )
+    attempt.undoing = False
+    if result is None:
+        return outcome
+    logger.warning(
+        "saga %s: %s arrived after the saga moved on; its effect was undone: %s",
+        attempt.saga_id,
+        step.name,
+        result,
+    )
+    outcome.reason = f"{outcome.reason}; its late effect was undone: {result}"
+    return outcome
 
 
 def _raise_if(outcome: _Outcome | None) -> None:

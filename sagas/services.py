@@ -9,6 +9,7 @@ operator actions (``saga_retry_compensation``, ``saga_mark_resolved``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -28,6 +29,7 @@ from sagas.runtime import elapsed_ms
 logger = logging.getLogger(__name__)
 
 Status = Saga.Status
+HARD_LIMIT = "TimeLimitExceeded: hard time limit"
 
 
 def saga_start(
@@ -65,8 +67,8 @@ def saga_start(
     )
     # robust: the caller's transaction has committed by then; whatever goes
     # wrong afterwards is the reconciler's to mend, never the caller's error.
-    transaction.on_commit(
-        partial(saga_publish, saga_id=saga.id, saga_type=definition.name), robust=True
+    _after_commit(
+        partial(saga_publish, saga_id=saga.id, saga_type=definition.name), "publish the saga"
     )
     return saga
 
@@ -127,19 +129,30 @@ def sagas_reconcile_pending(*, limit: int = 500) -> int:
     return published
 
 
-def saga_action_failed(*, saga_id, failed_task_id: str = "", hard_time_limit: bool = False) -> bool:
+def saga_action_failed(
+    *, saga_id, failed_task_id: str = "", hard_time_limit: bool = False, step: int | None = None
+) -> bool:
     """An action's last attempt failed (the errback): retry a hard time limit, else compensate.
 
     Celery fails a task killed by its hard time limit without retrying it,
     whatever its policy says; such an attempt may have had its effect, so it
     is retried like any other uncertain failure while the step's budget lasts.
+    ``step`` (the failed action's index, from the errback's arguments) makes a
+    report from a stale copy of a step the saga has passed a no-op.
     """
+    if step is not None and Saga.objects.filter(pk=saga_id, steps_done__gt=step).exists():
+        logger.info(
+            "saga %s: step %s failed in a stale copy; the saga has passed it", saga_id, step
+        )
+        return False
     if hard_time_limit and _retry_after_hard_limit(saga_id, failed_task_id, SagaLog.Phase.ACTION):
         return False
-    return saga_begin_compensation(saga_id=saga_id, failed_task_id=failed_task_id)
+    return saga_begin_compensation(saga_id=saga_id, failed_task_id=failed_task_id, step=step)
 
 
-def saga_begin_compensation(*, saga_id, failed_task_id: str = "", reason: str = "") -> bool:
+def saga_begin_compensation(
+    *, saga_id, failed_task_id: str = "", reason: str = "", step: int | None = None
+) -> bool:
     """Claim a failed saga (PENDING/RUNNING -> COMPENSATING) and queue its compensations.
 
     Only the caller whose UPDATE moved the row queues anything, so a second
@@ -150,9 +163,10 @@ def saga_begin_compensation(*, saga_id, failed_task_id: str = "", reason: str = 
     deadline may have had one, and compensations cope with finding nothing.
     """
     with transaction.atomic():
-        claimed = Saga.objects.filter(
-            pk=saga_id, status__in=(Status.PENDING, Status.RUNNING)
-        ).update(status=Status.COMPENSATING, round=1, updated_at=timezone.now())
+        claim = Saga.objects.filter(pk=saga_id, status__in=(Status.PENDING, Status.RUNNING))
+        if step is not None:
+            claim = claim.filter(steps_done__lte=step)  # a stale copy's report claims nothing
+        claimed = claim.update(status=Status.COMPENSATING, round=1, updated_at=timezone.now())
         if not claimed:
             logger.info("saga %s: already claimed, errback for %s ignored", saga_id, failed_task_id)
             return False
@@ -173,8 +187,8 @@ def saga_begin_compensation(*, saga_id, failed_task_id: str = "", reason: str = 
         saga.undo_cursor = undo
         saga.failure_reason = reason or detail
         saga.save(update_fields=["undo_cursor", "failure_reason"])
-        transaction.on_commit(
-            partial(_publish_compensation, definition, saga.id, undo, 1), robust=True
+        _after_commit(
+            partial(_publish_compensation, definition, saga.id, undo, 1), "publish compensation"
         )
     return True
 
@@ -206,12 +220,19 @@ def _retry_after_hard_limit(saga_id, failed_task_id: str, phase: str) -> bool:
                 return False
             step = definition.steps[index]
             name, policy = step.undo_name, step.compensation_retry
+        if SagaLog.objects.filter(
+            saga=saga, task_id=failed_task_id, error__startswith=HARD_LIMIT
+        ).exists():
+            # Prefork reports one kill twice (the pool's job result, then its
+            # timeout handler); a republished attempt has a new task id, so
+            # this kill was recorded and dealt with already.
+            return True
         retries = SagaLog.objects.filter(
             saga=saga, step=name, phase=phase, round=round, status=SagaLog.Status.RETRYING
         ).count()
         again = retries < policy.max_retries
         countdown = policy.delay(retries) if again else 0
-        error = f"TimeLimitExceeded: hard time limit ({step.hard_limit_s}s) exceeded"
+        error = f"{HARD_LIMIT} ({step.hard_limit_s}s) exceeded"
         now = timezone.now()
         SagaLog.objects.create(
             saga=saga,
@@ -234,8 +255,9 @@ def _retry_after_hard_limit(saga_id, failed_task_id: str, phase: str) -> bool:
             signature = canvas.action_chain(definition, str(saga.id), start=index)
         else:
             signature = canvas.compensation_chain(definition, str(saga.id), saga.undo_cursor, round)
-        transaction.on_commit(
-            partial(signature.apply_async, retries=retries + 1, countdown=countdown), robust=True
+        _after_commit(
+            partial(signature.apply_async, retries=retries + 1, countdown=countdown),
+            "publish the retry",
         )
     logger.warning("saga %s: %s hit its hard time limit; retry %d", saga_id, name, retries + 1)
     return True
@@ -311,20 +333,77 @@ def saga_finish_compensation(*, saga_id, round: int = 1) -> bool:
             and saga.status == Status.COMPENSATING
             and registry.get(saga.saga_type).next_to_undo(saga.undo_cursor) is None
         )
+        if done and _calls_in_flight(saga):
+            # Ending now would let the domain move on (a booking cancelled
+            # again) while a call of this saga may still land: the sweeper
+            # brings the finish back once the call has ended or cannot land.
+            logger.warning("saga %s: an external call may still land; finishing later", saga_id)
+            return False
         if done:
             _finish(saga, Status.COMPENSATED)
             saga.current_step = ""
-            saga.save(
-                update_fields=["status", "current_step", "finished_at", "duration_ms", "updated_at"]
-            )
             hook = registry.get(saga.saga_type).on_compensated
-            if hook:
-                hook(saga)
+            if hook and (refusal := _run_hook(hook, saga)):
+                # Everything is undone, but the domain disagrees about where it
+                # stands: an operator must look, and the saga says why.
+                saga.status = Status.FAILED
+                saga.failure_reason = f"compensated, but {refusal}"
+            saga.save(
+                update_fields=[
+                    "status",
+                    "current_step",
+                    "failure_reason",
+                    "finished_at",
+                    "duration_ms",
+                    "updated_at",
+                ]
+            )
     return bool(done)
 
 
+def _calls_in_flight(saga: Saga) -> bool:
+    """Whether an external step's call of this saga may still land (its STARTED row is open).
+
+    A call lasts at most its hard time limit; a copy lost with its worker is
+    delivered again within the broker's visibility timeout and closes or
+    undoes it. Past that, a row left STARTED belongs to a process that is gone
+    (or frozen for longer: that case is beyond this bound).
+    """
+    external = [step for step in registry.get(saga.saga_type).steps if step.external]
+    if not external:
+        return False
+    visibility = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("visibility_timeout", 3600)
+    horizon = max(step.hard_limit_s for step in external) + visibility
+    return SagaLog.objects.filter(
+        saga=saga,
+        status=SagaLog.Status.STARTED,
+        started_at__gt=timezone.now() - timedelta(seconds=horizon),
+    ).exists()
+
+
+def _run_hook(hook, saga: Saga) -> str:
+    """Run a domain hook in a savepoint; what it refused (its error), or "" if it ran.
+
+    A hook that finds the domain in a state it does not expect raises; that
+    must neither leave the saga stuck (its transaction rolled back, retried
+    forever) nor pass quietly.
+    """
+    try:
+        with transaction.atomic():
+            hook(saga)
+    except Exception as exc:
+        logger.exception("saga %s: hook %s failed", saga.id, getattr(hook, "__name__", hook))
+        return f"{getattr(hook, '__name__', 'its hook')} refused: {type(exc).__name__}: {exc}"
+    return ""
+
+
 def saga_fail_compensation(
-    *, saga_id, failed_task_id: str = "", round: int = 1, hard_time_limit: bool = False
+    *,
+    saga_id,
+    failed_task_id: str = "",
+    round: int = 1,
+    hard_time_limit: bool = False,
+    step: int | None = None,
 ) -> bool:
     """A compensation exhausted its retries: COMPENSATING -> FAILED; an operator must act.
 
@@ -332,9 +411,12 @@ def saga_fail_compensation(
     retry) changes nothing. A compensation killed by its hard time limit is
     retried first while its budget lasts.
     """
-    current = Saga.objects.filter(pk=saga_id).values_list("round", flat=True).first()
-    if current is None or round != current:
+    current = Saga.objects.filter(pk=saga_id).values_list("round", "undo_cursor").first()
+    if current is None or round != current[0]:
         logger.info("saga %s: report of round %s ignored (now %s)", saga_id, round, current)
+        return False
+    if step is not None and current[1] <= step:
+        logger.info("saga %s: compensation %s failed in a stale copy; it is undone", saga_id, step)
         return False
     if hard_time_limit and _retry_after_hard_limit(
         saga_id, failed_task_id, SagaLog.Phase.COMPENSATION
@@ -346,8 +428,16 @@ def saga_fail_compensation(
             return False
         definition = registry.get(saga.saga_type)
         last = (
-            SagaLog.objects.filter(saga=saga, phase=SagaLog.Phase.COMPENSATION)
-            .exclude(status__in=SagaLog.DONE)
+            SagaLog.objects.filter(
+                saga=saga,
+                phase=SagaLog.Phase.COMPENSATION,
+                round=saga.round,
+                status__in=(
+                    SagaLog.Status.FAILED,
+                    SagaLog.Status.RETRYING,
+                    SagaLog.Status.TIMED_OUT,
+                ),
+            )
             .order_by("-started_at", "-id")
             .first()
         )
@@ -358,8 +448,9 @@ def saga_fail_compensation(
         saga.save(
             update_fields=["status", "failure_reason", "finished_at", "duration_ms", "updated_at"]
         )
-        if definition.on_failed:
-            definition.on_failed(saga)
+        if definition.on_failed and (refusal := _run_hook(definition.on_failed, saga)):
+            saga.failure_reason = f"{saga.failure_reason}; {refusal}"
+            saga.save(update_fields=["failure_reason"])
     return True
 
 
@@ -379,9 +470,9 @@ def saga_retry_compensation(*, saga_id, operator: str) -> Saga:
             update_fields=["status", "round", "finished_at", "duration_ms", "context", "updated_at"]
         )
         saga_log_note(saga=saga, text=f"compensation retried by {operator} (round {saga.round})")
-        transaction.on_commit(
+        _after_commit(
             partial(_publish_compensation, definition, saga.id, saga.undo_cursor, saga.round),
-            robust=True,
+            "publish compensation",
         )
     return saga
 
@@ -433,6 +524,23 @@ def saga_log_note(*, saga: Saga, text: str) -> SagaLog:
         finished_at=now,
         error=text,
     )
+
+
+def _after_commit(call: Callable[[], Any], what: str) -> None:
+    """Run ``call`` once the transaction commits; its failure is logged, never raised.
+
+    The caller's writes are committed by then, so whatever fails afterwards
+    (the broker is down) is for the reconciler or the sweeper to mend, not an
+    error of the request. Handed to Django as a named function: robust hooks
+    log the callable's ``__qualname__``, which a ``partial`` lacks (Django
+    ticket #36487), and would raise that AttributeError instead.
+    """
+
+    def after_commit() -> None:
+        call()
+
+    after_commit.__qualname__ = f"after commit: {what}"
+    transaction.on_commit(after_commit, robust=True)
 
 
 def _publish_compensation(definition: SagaDefinition, saga_id, undo: int, round: int) -> None:

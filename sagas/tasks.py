@@ -27,23 +27,33 @@ from sagas.runtime import run_action, run_compensation
 
 
 @shared_task(bind=True, name=STEP_FAILED, acks_late=True)
-def step_failed(self, failed_task_id: str = "", *, saga_id: str, **_ignored: Any) -> bool:
+def step_failed(
+    self, failed_task_id: str = "", *, saga_id: str, step: int | None = None, **_ignored: Any
+) -> bool:
     return services.saga_action_failed(
         saga_id=saga_id,
         failed_task_id=failed_task_id,
         hard_time_limit=_hit_hard_time_limit(self.app, failed_task_id),
+        step=step,
     )
 
 
 @shared_task(bind=True, name=COMPENSATION_FAILED, acks_late=True)
 def compensation_failed(
-    self, failed_task_id: str = "", *, saga_id: str, round: int = 1, **_ignored: Any
+    self,
+    failed_task_id: str = "",
+    *,
+    saga_id: str,
+    round: int = 1,
+    step: int | None = None,
+    **_ignored: Any,
 ) -> bool:
     return services.saga_fail_compensation(
         saga_id=saga_id,
         failed_task_id=failed_task_id,
         round=round,
         hard_time_limit=_hit_hard_time_limit(self.app, failed_task_id),
+        step=step,
     )
 
 

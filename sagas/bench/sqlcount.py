@@ -205,11 +205,22 @@ def count_sql(harness: SagaHarness, *, offset: int = 0) -> dict[str, Any]:
 
     result = result_backend_writes(definition.action_task_name(0), {"saga_id": saga_id})
     steps = actions + compensations + bare_steps
-    bookkeeping_max = max(row[BOOKKEEPING] for row in actions + compensations)
+    external = {step.name for step in definition.steps if step.external} | {
+        step.undo_name for step in definition.steps if step.external
+    }
+    inside = [row for row in actions + compensations if row["step"] not in external]
+    outside = [row for row in actions if row["step"] in external]
+    # Steps inside our database: lock, move the counter, write the log row.
+    bookkeeping_max = max(row[BOOKKEEPING] for row in inside or actions + compensations)
     return {
         "action": _average(actions),
         "compensation": _average(compensations),
         "bookkeeping_per_step_max": bookkeeping_max,
+        # An external action (a gateway call) also writes its in-flight row
+        # before the call: read, mark, move the counter, close the mark.
+        "bookkeeping_external_action_max": (
+            max(row[BOOKKEEPING] for row in outside) if outside else None
+        ),
         "bare_action": _average(bare_steps) if bare_steps else None,
         "result_backend_per_task": result.count(),
         "saga_level": {

@@ -34,5 +34,10 @@ class Migration(migrations.Migration):
             name='round',
             field=models.PositiveSmallIntegerField(db_default=0, default=0),
         ),
+        migrations.AlterField(
+            model_name='sagalog',
+            name='status',
+            field=models.CharField(choices=[('started', 'Called out, answer pending'), ('succeeded', 'Succeeded'), ('skipped', 'Skipped'), ('retrying', 'Failed, will retry'), ('failed', 'Failed'), ('timed_out', 'Timed out (may have had an effect)'), ('duplicate', 'Duplicate delivery, ignored'), ('ignored', 'Arrived too late, ignored'), ('note', 'Operator note')], max_length=16),
+        ),
         migrations.RunPython(mark_timeouts, migrations.RunPython.noop),
     ]

@@ -91,3 +91,25 @@ def gateway_books(reference: str) -> dict[str, Decimal]:
         Decimal(0),
     )
     return {"captured": captured, "refunded": refunded, "net": captured - refunded}
+
+
+def gateway_unrecorded(reference: str) -> list[str]:
+    """Every capture or refund the gateway holds for ``reference`` that our ledger lacks."""
+    from payments.gateways import get_gateway
+    from payments.models import Charge, Refund
+
+    gateway = get_gateway()
+    charges = set(
+        Charge.objects.filter(reference=reference).values_list("idempotency_key", "amount")
+    )
+    refunds = set(
+        Refund.objects.filter(charge__reference=reference).values_list("idempotency_key", "amount")
+    )
+    problems = []
+    for charge in gateway.charges(reference=reference):
+        if (charge.idempotency_key, charge.amount) not in charges:
+            problems.append(f"capture {charge.idempotency_key} of {charge.amount} not recorded")
+        for refund in gateway.refunds(charge_id=charge.id):
+            if (refund.idempotency_key, refund.amount) not in refunds:
+                problems.append(f"refund {refund.idempotency_key} of {refund.amount} not recorded")
+    return problems

@@ -33,12 +33,12 @@ def test_every_step_signature_is_immutable_carries_the_saga_id_and_an_errback():
         "payments",
         "bookings",
     ]
-    for sig in signatures:
+    for index, sig in enumerate(signatures):
         assert sig.immutable
         assert sig.kwargs == {"saga_id": saga_id}
         [errback] = sig.options["link_error"]
         assert errback["task"] == "sagas.step_failed"
-        assert errback["kwargs"] == {"saga_id": saga_id}
+        assert errback["kwargs"] == {"saga_id": saga_id, "step": index}
 
 
 def test_a_chain_of_a_type_whose_tasks_were_never_made_is_refused(scratch_registry):
@@ -56,7 +56,7 @@ def test_every_compensation_message_carries_its_round_and_so_does_its_errback():
 
     for sig in undo:
         assert sig.kwargs == {"saga_id": saga_id, "round": 3}
-    for sig in undo[:-1]:
+    for sig, index in zip(undo[:-1], [3, 2, 1, 0], strict=True):
         [errback] = sig.options["link_error"]
         assert errback["task"] == "sagas.compensation_failed"
-        assert errback["kwargs"] == {"saga_id": saga_id, "round": 3}
+        assert errback["kwargs"] == {"saga_id": saga_id, "round": 3, "step": index}

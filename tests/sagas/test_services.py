@@ -121,6 +121,21 @@ def test_the_errback_claims_a_running_saga_and_leaves_a_definite_failure_undone(
 
 
 @pytest.mark.django_db
+def test_a_failure_report_from_a_stale_copy_of_a_passed_step_claims_nothing(trip, book):
+    _booking, saga = book()
+    act(trip, saga, "reserve_flight")
+    act(trip, saga, "reserve_hotel")
+    # A copy of reserve_flight that ran late and failed reports it: the saga has moved on.
+
+    assert services.saga_action_failed(saga_id=saga.pk, failed_task_id="late", step=0) is False
+
+    saga.refresh_from_db()
+    assert (saga.status, saga.steps_done) == (Status.RUNNING, 2)
+    # The step in hand failing is a claim as before.
+    assert services.saga_action_failed(saga_id=saga.pk, failed_task_id="now", step=2) is True
+
+
+@pytest.mark.django_db
 def test_the_errback_also_undoes_a_step_with_no_definite_failure_on_record(trip, book):
     _booking, saga = book()
     act(trip, saga, "reserve_flight")
