@@ -203,3 +203,32 @@ def test_a_late_failure_report_from_an_earlier_round_changes_nothing(
 
     assert late.get(timeout=15) is False
     assert Saga.objects.get(pk=booking.saga_id).status == Saga.Status.COMPENSATING
+
+
+def test_a_cancellation_whose_refunds_fail_halfway_pays_back_what_it_did_refund(
+    confirmed_booking, trip_items
+):
+    from payments.models import Charge
+
+    # A second charge of the booking that the gateway will not refund (it does
+    # not know it): the refund step refunds the trip's charge, then fails for good.
+    Charge.objects.create(
+        idempotency_key=f"unknown:{confirmed_booking.id}",
+        reference=f"booking:{confirmed_booking.id}",
+        amount=Decimal("10.00"),
+        currency="EUR",
+        gateway_charge_id="ch_unknown_to_the_gateway",
+    )
+    booking = booking_services.booking_cancel(booking_id=confirmed_booking.id)
+
+    saga = wait_terminal(booking.cancel_saga_id)
+
+    assert saga.status == Saga.Status.COMPENSATED
+    assert "UnknownGatewayCharge" in saga.failure_reason
+    # The step had called out before it failed: it is undone, so the refund it
+    # did make is charged again and the customer has paid the trip once.
+    assert done_steps(saga.id, phase=SagaLog.Phase.COMPENSATION) == ["recharge_payment"]
+    booking.refresh_from_db()
+    assert booking.status == Booking.Status.CONFIRMED
+    assert books(booking)["net"] == TOTAL
+    assert stock(trip_items) == SOLD
