@@ -416,8 +416,13 @@ def deliver_charge_again(saga_id) -> SagaLog:
     """Publish one more copy of the saga's charge_payment and wait for its own log row."""
     index = trip_booking.index_of("charge_payment")
     copy = action_signature(trip_booking, index, str(saga_id)).apply_async()
+    # Its row is first written STARTED (the call is out), then closed with the outcome.
     return wait_for(
-        lambda: SagaLog.objects.filter(saga_id=saga_id, task_id=copy.id).first(),
+        lambda: (
+            SagaLog.objects.filter(saga_id=saga_id, task_id=copy.id)
+            .exclude(status=LogStatus.STARTED)
+            .first()
+        ),
         message="the late copy of charge_payment to be logged",
     )
 
