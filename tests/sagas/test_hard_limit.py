@@ -24,7 +24,7 @@ import pytest
 import redis
 from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django_celery_results.models import TaskResult
 
 from bookings.models import Booking
@@ -514,12 +514,18 @@ def probe_worker(scratch_registry, transactional_db, tmp_path):
 
 
 @pytest.mark.saga
+@pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_a_step_killed_by_its_hard_limit_in_a_prefork_worker_is_retried_and_the_saga_completes(
     probe_worker,
 ):
     from config.celery_app import app
 
+    if connection.vendor != "postgresql":
+        # Seen on the SQLite fallback only: the prefork worker's main process
+        # never reaches its hard-limit handler while the killed step's child
+        # holds the database file's lock (no "Hard time limit exceeded" line).
+        pytest.skip("needs PostgreSQL: a prefork worker on one SQLite file stalls at the kill")
     definition, logfile = probe_worker
     stubborn_step = definition.steps[0]
     with transaction.atomic():
