@@ -141,9 +141,11 @@ def saga_action_failed(
     report from a stale copy of a step the saga has passed a no-op.
     """
     if step is not None and Saga.objects.filter(pk=saga_id, steps_done__gt=step).exists():
-        logger.info(
-            "saga %s: step %s failed in a stale copy; the saga has passed it", saga_id, step
-        )
+        if hard_time_limit:
+            # Killed after its transaction committed: no next message was sent.
+            _resume_after_late_kill(saga_id, failed_task_id, step)
+        else:
+            logger.info("saga %s: step %s failed in a stale copy; it has passed it", saga_id, step)
         return False
     if hard_time_limit and _retry_after_hard_limit(saga_id, failed_task_id, SagaLog.Phase.ACTION):
         return False
@@ -191,6 +193,38 @@ def saga_begin_compensation(
             partial(_publish_compensation, definition, saga.id, undo, 1), "publish compensation"
         )
     return True
+
+
+def _resume_after_late_kill(saga_id, failed_task_id: str, step: int) -> None:
+    """A step killed by its hard limit after it committed: publish the rest of the chain once.
+
+    Celery sends a chain's next message only when a task returns, so the saga
+    would otherwise wait for the stall sweeper.
+    """
+    with transaction.atomic():
+        saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
+        if saga is None or saga.status not in (Status.PENDING, Status.RUNNING):
+            return
+        if SagaLog.objects.filter(
+            saga=saga, task_id=failed_task_id, error__startswith=HARD_LIMIT
+        ).exists():
+            return  # the second report of the same kill
+        definition = registry.get(saga.saga_type)
+        now = timezone.now()
+        SagaLog.objects.create(
+            saga=saga,
+            step=definition.steps[step].name,
+            step_index=step,
+            phase=SagaLog.Phase.ACTION,
+            status=SagaLog.Status.IGNORED,
+            task_id=failed_task_id,
+            started_at=now,
+            finished_at=now,
+            error=f"{HARD_LIMIT} exceeded after the step committed: the chain goes on",
+        )
+        if saga.steps_done < len(definition.steps):
+            signature = canvas.action_chain(definition, str(saga.id), start=saga.steps_done)
+            _after_commit(signature.apply_async, "publish the rest of the chain")
 
 
 def _retry_after_hard_limit(saga_id, failed_task_id: str, phase: str) -> bool:

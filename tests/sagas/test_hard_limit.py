@@ -550,3 +550,33 @@ def test_a_step_killed_by_its_hard_limit_in_a_prefork_worker_is_retried_and_the_
     )
     assert tasks._hit_hard_time_limit(app, killed_row.task_id) is True
     assert f"Hard time limit ({stubborn_step.hard_limit_s}s) exceeded" in logfile.read_text()
+
+
+@pytest.mark.django_db
+def test_a_step_killed_after_it_committed_has_the_rest_of_its_chain_published_once(
+    trip, make_booking, django_capture_on_commit_callbacks
+):
+    _booking, saga = make_booking()
+    act(trip, saga, "reserve_flight")  # committed; then the hard limit killed the task
+
+    with (
+        mock.patch("sagas.canvas.action_chain") as actions,
+        mock.patch("sagas.canvas.compensation_chain") as compensations,
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        for _report in range(2):  # prefork reports the kill twice
+            assert (
+                services.saga_action_failed(
+                    saga_id=saga.pk, failed_task_id="killed-after", hard_time_limit=True, step=0
+                )
+                is False
+            )
+
+    actions.assert_called_once_with(trip, str(saga.pk), start=1)
+    actions.return_value.apply_async.assert_called_once_with()
+    compensations.assert_not_called()
+    [row] = SagaLog.objects.filter(saga=saga, task_id="killed-after")
+    assert (row.step, row.status) == ("reserve_flight", LogStatus.IGNORED)
+    assert row.error.startswith("TimeLimitExceeded: hard time limit exceeded after the step")
+    saga.refresh_from_db()
+    assert (saga.status, saga.steps_done) == (Status.RUNNING, 1)
