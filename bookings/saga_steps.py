@@ -198,19 +198,12 @@ def recharge_payment(saga: Saga) -> dict | None:
     answer was lost is paid back, and a refund that never ran re-charges
     nothing. Each refunded charge is re-charged once, under its own key.
     """
-    refunds = payments.refunds_made(
-        reference=f"booking:{_booking_id(saga)}", refund_key_prefix=_refund_prefix(saga)
+    charges = payments.charges_restore(
+        reference=f"booking:{_booking_id(saga)}",
+        refund_key_prefix=_refund_prefix(saga),
+        recharge_key_prefix=f"saga:{saga.id}:recharge_payment",
+        card_token=saga.context["card_token"],
     )
-    charges = [
-        payments.charge_create(
-            amount=refund.amount,
-            currency=refund.currency,
-            card_token=saga.context["card_token"],
-            idempotency_key=f"saga:{saga.id}:recharge_payment:{refund.charge_id}",
-            reference=f"booking:{_booking_id(saga)}",
-        )
-        for refund in refunds
-    ]
     if not charges:
         return None
     return {

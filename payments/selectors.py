@@ -32,6 +32,11 @@ def charge_for_key(*, idempotency_key: str) -> ChargeInfo | None:
     return _charge_info(charge) if charge is not None else None
 
 
+def charges_by_key(*, idempotency_keys: list[str]) -> dict[str, ChargeInfo]:
+    charges = Charge.objects.filter(idempotency_key__in=idempotency_keys)
+    return {charge.idempotency_key: _charge_info(charge) for charge in charges}
+
+
 def charges_for_reference(*, reference: str) -> list[ChargeInfo]:
     charges = Charge.objects.filter(reference=reference).order_by("created_at", "id")
     return [_charge_info(charge) for charge in charges]
@@ -51,11 +56,32 @@ def money_totals(
         entries = entries.filter(reference__in=references)
     if currency is not None:
         entries = entries.filter(currency=currency)
-    totals = entries.aggregate(
-        charged=_sum(only=Q(entry_type=LedgerEntry.EntryType.CHARGE)),
-        refunds=_sum(only=Q(entry_type=LedgerEntry.EntryType.REFUND)),
+    return _money(entries.aggregate(**_money_sums()))
+
+
+def money_by_reference(*, references: list[str]) -> dict[str, dict[str, Decimal]]:
+    """``money_totals`` for each of ``references`` at once (zeros for one with no entries)."""
+    rows = (
+        LedgerEntry.objects.filter(reference__in=references)
+        .values("reference")
+        .annotate(**_money_sums())
+        .order_by()
     )
-    charged, refunded = totals["charged"], -totals["refunds"]
+    totals = {reference: _money({"charged": ZERO, "refunds": ZERO}) for reference in references}
+    totals.update({row["reference"]: _money(row) for row in rows})
+    return totals
+
+
+def _money_sums() -> dict[str, Coalesce]:
+    """Charged and refunded sums of ledger entries (refunds are negative entries)."""
+    return {
+        "charged": _sum(only=Q(entry_type=LedgerEntry.EntryType.CHARGE)),
+        "refunds": _sum(only=Q(entry_type=LedgerEntry.EntryType.REFUND)),
+    }
+
+
+def _money(sums: dict[str, Decimal]) -> dict[str, Decimal]:
+    charged, refunded = sums["charged"], -sums["refunds"]
     return {"charged": charged, "refunded": refunded, "net": charged - refunded}
 
 

@@ -108,40 +108,53 @@ def charges_refund_all(*, reference: str, refund_key_prefix: str, reason: str) -
     capture we never heard back about is refunded too. Repeating the call
     refunds nothing twice: each charge's refund key is fixed.
     """
-    charges_sync(reference=reference)
-    refunds = []
-    for charge in Charge.objects.filter(reference=reference).order_by("created_at", "id"):
-        refund = charge_refund(
-            charge=charge, refund_key=refund_key(refund_key_prefix, charge), reason=reason
-        )
-        if refund is not None:
-            refunds.append(refund)
-    return refunds
+    refunds = [
+        charge_refund(charge=charge, refund_key=_keyed(refund_key_prefix, charge), reason=reason)
+        for charge in _charges_of(reference)
+    ]
+    return [refund for refund in refunds if refund is not None]
 
 
-def refunds_made(*, reference: str, refund_key_prefix: str) -> list[Refund]:
-    """The refunds ``charges_refund_all`` made with this prefix, as the gateway records them.
+def charges_restore(
+    *, reference: str, refund_key_prefix: str, recharge_key_prefix: str, card_token: str
+) -> list[Charge]:
+    """Charge again what ``charges_refund_all`` gave back under ``refund_key_prefix``.
 
-    A refund the gateway made but whose answer we lost is recorded here first,
-    so what is undone is what happened, not what our records guessed.
+    The refunds are read from the gateway's records too (a refund whose answer
+    was lost is recorded first), so what is undone is what happened: a refund
+    that never ran re-charges nothing. Each refunded charge is charged again
+    once, under ``<recharge_key_prefix>:<charge id>``.
     """
-    charges_sync(reference=reference)
     gateway = get_gateway()
-    refunds = []
-    for charge in Charge.objects.filter(reference=reference).order_by("created_at", "id"):
-        key = refund_key(refund_key_prefix, charge)
+    charges = []
+    for charge in _charges_of(reference):
+        key = _keyed(refund_key_prefix, charge)
         refund = Refund.objects.filter(idempotency_key=key).first()
         if refund is None:
             gateway_refund = gateway.lookup_refund(idempotency_key=key)
             if gateway_refund is None:
                 continue
             refund = _refund_record(charge=charge, gateway_refund=gateway_refund, reason="")
-        refunds.append(refund)
-    return refunds
+        charges.append(
+            charge_create(
+                amount=refund.amount,
+                currency=refund.currency,
+                card_token=card_token,
+                idempotency_key=_keyed(recharge_key_prefix, charge),
+                reference=reference,
+            )
+        )
+    return charges
 
 
-def refund_key(prefix: str, charge: Charge) -> str:
+def _keyed(prefix: str, charge: Charge) -> str:
     return f"{prefix}:{charge.pk}"
+
+
+def _charges_of(reference: str) -> list[Charge]:
+    """Every charge of ``reference``, oldest first, with the gateway's unknown to us recorded."""
+    charges_sync(reference=reference)
+    return list(Charge.objects.filter(reference=reference).order_by("created_at", "id"))
 
 
 def charges_sync(*, reference: str) -> list[Charge]:

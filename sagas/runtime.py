@@ -100,6 +100,7 @@ class _Attempt:
 
     def mark_started(self) -> None:
         """Record, before an external call goes out, that its effect may land from now on."""
+        self.called_out = True
         self.marker = self.log(SagaLog.Status.STARTED, may_have_effect=True)
 
     def log(
@@ -107,7 +108,9 @@ class _Attempt:
     ) -> SagaLog:
         finished = timezone.now()
         if self.marker is not None:
-            row, self.marker = self.marker, None
+            # Kept, not dropped: if the transaction that closed it rolls back,
+            # the outcome that follows closes the same row again.
+            row = self.marker
             row.status, row.error, row.result = status, error, result
             row.may_have_effect = may_have_effect
             row.finished_at, row.duration_ms = finished, elapsed_ms(self.started, finished)
@@ -193,7 +196,6 @@ def _external_action(attempt: _Attempt) -> None:
     if outcome := _action_not_due(attempt, saga):
         raise _undo_stranded_effect(attempt, saga, outcome)
     faults.before_action(saga, step.name, attempt.number)
-    attempt.called_out = True
     attempt.mark_started()
     result = step.action(saga)  # no transaction open: the call may take seconds
     with transaction.atomic():

@@ -140,14 +140,9 @@ def saga_action_failed(
     ``step`` (the failed action's index, from the errback's arguments) makes a
     report from a stale copy of a step the saga has passed a no-op.
     """
-    if step is not None and Saga.objects.filter(pk=saga_id, steps_done__gt=step).exists():
-        if hard_time_limit:
-            # Killed after its transaction committed: no next message was sent.
-            _resume_after_late_kill(saga_id, failed_task_id, step)
-        else:
-            logger.info("saga %s: step %s failed in a stale copy; it has passed it", saga_id, step)
-        return False
-    if hard_time_limit and _retry_after_hard_limit(saga_id, failed_task_id, SagaLog.Phase.ACTION):
+    if hard_time_limit and _retry_after_hard_limit(
+        saga_id, failed_task_id, SagaLog.Phase.ACTION, step
+    ):
         return False
     return saga_begin_compensation(saga_id=saga_id, failed_task_id=failed_task_id, step=step)
 
@@ -170,7 +165,12 @@ def saga_begin_compensation(
             claim = claim.filter(steps_done__lte=step)  # a stale copy's report claims nothing
         claimed = claim.update(status=Status.COMPENSATING, round=1, updated_at=timezone.now())
         if not claimed:
-            logger.info("saga %s: already claimed, errback for %s ignored", saga_id, failed_task_id)
+            logger.info(
+                "saga %s: already claimed or past step %s; report of %s ignored",
+                saga_id,
+                step,
+                failed_task_id,
+            )
             return False
         saga = Saga.objects.get(pk=saga_id)
         definition = registry.get(saga.saga_type)
@@ -195,81 +195,68 @@ def saga_begin_compensation(
     return True
 
 
-def _resume_after_late_kill(saga_id, failed_task_id: str, step: int) -> None:
-    """A step killed by its hard limit after it committed: publish the rest of the chain once.
+def _retry_after_hard_limit(
+    saga_id, failed_task_id: str, phase: str, step: int | None = None
+) -> bool:
+    """Deal with an attempt killed by its hard time limit; False if it is a final failure.
 
-    Celery sends a chain's next message only when a task returns, so the saga
-    would otherwise wait for the stall sweeper.
-    """
-    with transaction.atomic():
-        saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
-        if saga is None or saga.status not in (Status.PENDING, Status.RUNNING):
-            return
-        if SagaLog.objects.filter(
-            saga=saga, task_id=failed_task_id, error__startswith=HARD_LIMIT
-        ).exists():
-            return  # the second report of the same kill
-        definition = registry.get(saga.saga_type)
-        now = timezone.now()
-        SagaLog.objects.create(
-            saga=saga,
-            step=definition.steps[step].name,
-            step_index=step,
-            phase=SagaLog.Phase.ACTION,
-            status=SagaLog.Status.IGNORED,
-            task_id=failed_task_id,
-            started_at=now,
-            finished_at=now,
-            error=f"{HARD_LIMIT} exceeded after the step committed: the chain goes on",
-        )
-        if saga.steps_done < len(definition.steps):
-            signature = canvas.action_chain(definition, str(saga.id), start=saga.steps_done)
-            _after_commit(signature.apply_async, "publish the rest of the chain")
+    - The same kill reported again (prefork reports each twice: the pool's job
+      result, then its timeout handler; a republished attempt has a new task
+      id): already dealt with.
+    - An action ``step`` killed after its transaction committed: no next
+      message was sent, so the rest of the chain is published once.
+    - Otherwise the attempt is counted from the log (the killed one wrote no
+      row) and, while the budget allows, published again with Celery's retry
+      count and a backoff, the way ``Task.retry`` would have.
 
-
-def _retry_after_hard_limit(saga_id, failed_task_id: str, phase: str) -> bool:
-    """Record an attempt killed by its hard time limit; publish it again if its budget allows.
-
-    The attempt is counted from the log (the killed one wrote no row), and the
-    step is published again with Celery's retry count and a backoff, the way
-    ``Task.retry`` would have. False when the budget is spent, or the saga
-    moved on (the caller then goes on as for any final failure).
+    False when the budget is spent or the saga moved on: the caller goes on as
+    for any final failure.
     """
     with transaction.atomic():
         saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
         if saga is None:
             return False
+        if SagaLog.objects.filter(
+            saga=saga, task_id=failed_task_id, error__startswith=HARD_LIMIT
+        ).exists():
+            return True
         definition = registry.get(saga.saga_type)
         if phase == SagaLog.Phase.ACTION:
             if saga.status not in (Status.PENDING, Status.RUNNING):
                 return False
+            if step is not None and saga.steps_done > step:
+                _log_row(
+                    saga,
+                    step=definition.steps[step].name,
+                    step_index=step,
+                    phase=phase,
+                    status=SagaLog.Status.IGNORED,
+                    task_id=failed_task_id,
+                    error=f"{HARD_LIMIT} exceeded after the step committed: the chain goes on",
+                )
+                if saga.steps_done < len(definition.steps):
+                    rest = canvas.action_chain(definition, str(saga.id), start=saga.steps_done)
+                    _after_commit(rest.apply_async, "publish the rest of the chain")
+                return True
             index, round = saga.steps_done, 0
             if index >= len(definition.steps):
                 return False
-            step = definition.steps[index]
-            name, policy = step.name, step.retry
+            killed = definition.steps[index]
+            name, policy = killed.name, killed.retry
         else:
             index, round = definition.next_to_undo(saga.undo_cursor), saga.round
             if saga.status != Status.COMPENSATING or index is None:
                 return False
-            step = definition.steps[index]
-            name, policy = step.undo_name, step.compensation_retry
-        if SagaLog.objects.filter(
-            saga=saga, task_id=failed_task_id, error__startswith=HARD_LIMIT
-        ).exists():
-            # Prefork reports one kill twice (the pool's job result, then its
-            # timeout handler); a republished attempt has a new task id, so
-            # this kill was recorded and dealt with already.
-            return True
+            killed = definition.steps[index]
+            name, policy = killed.undo_name, killed.compensation_retry
         retries = SagaLog.objects.filter(
             saga=saga, step=name, phase=phase, round=round, status=SagaLog.Status.RETRYING
         ).count()
         again = retries < policy.max_retries
         countdown = policy.delay(retries) if again else 0
-        error = f"{HARD_LIMIT} ({step.hard_limit_s}s) exceeded"
-        now = timezone.now()
-        SagaLog.objects.create(
-            saga=saga,
+        error = f"{HARD_LIMIT} ({killed.hard_limit_s}s) exceeded"
+        _log_row(
+            saga,
             step=name,
             step_index=index,
             phase=phase,
@@ -278,13 +265,11 @@ def _retry_after_hard_limit(saga_id, failed_task_id: str, phase: str) -> bool:
             round=round,
             may_have_effect=True,
             task_id=failed_task_id,
-            started_at=now,
-            finished_at=now,
             error=f"{error} (retry in {countdown}s)" if again else error,
         )
         if not again:
             return False
-        Saga.objects.filter(pk=saga.pk).update(updated_at=now)
+        Saga.objects.filter(pk=saga.pk).update(updated_at=timezone.now())
         if phase == SagaLog.Phase.ACTION:
             signature = canvas.action_chain(definition, str(saga.id), start=index)
         else:
@@ -354,7 +339,7 @@ def sagas_recover_stalled(*, limit: int = 200) -> dict[str, int]:
     return counts
 
 
-def saga_finish_compensation(*, saga_id, round: int = 1) -> bool:
+def saga_finish_compensation(*, saga_id) -> bool:
     """Every compensation ran: COMPENSATING -> COMPENSATED, then the type's ``on_compensated``.
 
     Only if nothing is left to undo, whichever round's chain got here: a copy
@@ -445,20 +430,19 @@ def saga_fail_compensation(
     retry) changes nothing. A compensation killed by its hard time limit is
     retried first while its budget lasts.
     """
-    current = Saga.objects.filter(pk=saga_id).values_list("round", "undo_cursor").first()
-    if current is None or round != current[0]:
-        logger.info("saga %s: report of round %s ignored (now %s)", saga_id, round, current)
-        return False
-    if step is not None and current[1] <= step:
-        logger.info("saga %s: compensation %s failed in a stale copy; it is undone", saga_id, step)
-        return False
-    if hard_time_limit and _retry_after_hard_limit(
-        saga_id, failed_task_id, SagaLog.Phase.COMPENSATION
-    ):
-        return False
     with transaction.atomic():
         saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
         if saga is None or saga.status != Status.COMPENSATING or saga.round != round:
+            logger.info("saga %s: report of round %s ignored", saga_id, round)
+            return False
+        if step is not None and saga.undo_cursor <= step:
+            logger.info(
+                "saga %s: compensation %s failed in a stale copy; it is undone", saga_id, step
+            )
+            return False
+        if hard_time_limit and _retry_after_hard_limit(
+            saga_id, failed_task_id, SagaLog.Phase.COMPENSATION
+        ):
             return False
         definition = registry.get(saga.saga_type)
         last = (
@@ -475,10 +459,10 @@ def saga_fail_compensation(
             .order_by("-started_at", "-id")
             .first()
         )
-        step = last.step if last else definition.steps[max(saga.undo_cursor - 1, 0)].undo_name
+        undo_name = last.step if last else definition.steps[max(saga.undo_cursor - 1, 0)].undo_name
         error = f": {last.error}" if last and last.error else ""
         _finish(saga, Status.FAILED)
-        saga.failure_reason = f"compensation of {step} exhausted its retries{error}"
+        saga.failure_reason = f"compensation of {undo_name} exhausted its retries{error}"
         saga.save(
             update_fields=["status", "failure_reason", "finished_at", "duration_ms", "updated_at"]
         )
@@ -547,17 +531,20 @@ def _finish(saga: Saga, status: str) -> None:
 
 def saga_log_note(*, saga: Saga, text: str) -> SagaLog:
     """Append an operator's note (who did what) to the saga's history."""
-    now = timezone.now()
-    return SagaLog.objects.create(
-        saga=saga,
+    return _log_row(
+        saga,
         step=saga.current_step or "-",
         step_index=0,
         phase=SagaLog.Phase.OPERATOR,
         status=SagaLog.Status.NOTE,
-        started_at=now,
-        finished_at=now,
         error=text,
     )
+
+
+def _log_row(saga: Saga, **fields: Any) -> SagaLog:
+    """A SagaLog row the engine writes itself (no attempt ran it), stamped now."""
+    now = timezone.now()
+    return SagaLog.objects.create(saga=saga, started_at=now, finished_at=now, **fields)
 
 
 def _after_commit(call: Callable[[], Any], what: str) -> None:

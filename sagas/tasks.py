@@ -58,8 +58,9 @@ def compensation_failed(
 
 
 @shared_task(name=FINISH_COMPENSATION, acks_late=True)
-def finish_compensation(*, saga_id: str, round: int = 1, **_ignored: Any) -> bool:
-    return services.saga_finish_compensation(saga_id=saga_id, round=round)
+def finish_compensation(*, saga_id: str, **_ignored: Any) -> bool:
+    # Its ``round`` argument is for the record: finishing needs nothing left to undo.
+    return services.saga_finish_compensation(saga_id=saga_id)
 
 
 def _hit_hard_time_limit(app, failed_task_id: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
+from django.db.models import Q
 
 from bookings.harness import bare
 from bookings.harness.invariants import check_trips
@@ -111,9 +112,7 @@ class TripHarness(SagaHarness):
     def follow_up(self, saga_id: str, *, chaos: dict[str, Any] | None) -> str | None:
         """Cancel the saga's booking if it is CONFIRMED (after its trip, or a compensated
         cancellation), at most MAX_CANCELLATIONS times per booking."""
-        booking = Booking.objects.filter(saga_id=saga_id).first() or (
-            Booking.objects.filter(cancel_saga_id=saga_id).first()
-        )
+        booking = Booking.objects.filter(Q(saga_id=saga_id) | Q(cancel_saga_id=saga_id)).first()
         if booking is None or booking.status != Booking.Status.CONFIRMED:
             return None
         if self.cancellations[booking.id] >= MAX_CANCELLATIONS:

@@ -68,10 +68,9 @@ class TripRows:
         holds: dict[str, inventory_selectors.HoldInfo] = {}
         for chunk in chunks(references):
             holds.update(inventory_selectors.holds_by_reference(references=chunk))
-        ledger = {
-            reference(booking): payment_selectors.money_totals(references=[reference(booking)])
-            for booking in bookings.values()
-        }
+        ledger: dict[str, dict[str, Decimal]] = {}
+        for chunk in chunks([reference(booking) for booking in bookings.values()]):
+            ledger.update(payment_selectors.money_by_reference(references=chunk))
         return cls(sagas=sagas, bookings=bookings, holds=holds, ledger=ledger, skus=skus)
 
     def booking_of(self, saga_id: str) -> Booking | None:
@@ -139,7 +138,11 @@ def check_completed(rows: TripRows) -> InvariantResult:
         for booking_id, sagas in rows.cancellations().items()
         if any(saga["status"] == Status.COMPLETED for saga in sagas)
     }
-    for saga_id, booking in rows.sagas_of(TRIP_BOOKING, Status.COMPLETED, result):
+    completed = list(rows.sagas_of(TRIP_BOOKING, Status.COMPLETED, result))
+    charges = {}
+    for chunk in chunks([charge_key(saga_id) for saga_id, _booking in completed]):
+        charges.update(payment_selectors.charges_by_key(idempotency_keys=chunk))
+    for saga_id, booking in completed:
         name = f"booking {booking.id}"
         if booking.status == Booking.Status.CONFIRMED:
             for line in booking.lines.all():
@@ -150,7 +153,7 @@ def check_completed(rows: TripRows) -> InvariantResult:
                     )
         elif not (booking.status == Booking.Status.CANCELLED and str(booking.id) in cancelled):
             result.flag(saga_id, f"{name} is {booking.status}")
-        charge = payment_selectors.charge_for_key(idempotency_key=charge_key(saga_id))
+        charge = charges.get(charge_key(saga_id))
         if charge is None:
             result.flag(saga_id, f"{name}: no charge under the trip's key")
         elif charge.amount != booking.total:

@@ -128,6 +128,11 @@ def run_chaos(*, options: ChaosOptions, out: TextIO, err: TextIO) -> dict[str, A
     return ChaosRun(options, harness, err).execute(out)
 
 
+def _undo_names(definition) -> dict[str, str]:
+    """Each action's compensation name, as the plans name faults."""
+    return {step.name: step.undo_name for step in definition.steps}
+
+
 @dataclass
 class Tracked:
     saga_id: str
@@ -146,9 +151,14 @@ class ChaosRun:
         self.seed = (
             options.seed if options.seed is not None else random.SystemRandom().randrange(2**31)
         )
-        undo = {step.name: step.undo_name for step in definition.steps}
         self.plans = draw_plans(
-            options, seed=self.seed, actions=definition.action_names, compensations=undo
+            options,
+            seed=self.seed,
+            actions=definition.action_names,
+            compensations=_undo_names(definition),
+        )
+        self.follow_up_definition = (
+            registry.get(harness.follow_up_type) if harness.follow_up_type else None
         )
         self.tracked: list[Tracked] = []
         self.follow_ups: list[Tracked] = []
@@ -312,10 +322,7 @@ class ChaosRun:
         while len(self.open) < limit and len(self.tracked) < self.options.sagas:
             plan = self.plans[len(self.tracked)]
             saga_id = self.harness.start(len(self.tracked), chaos=plan.chaos or None)
-            self.harness.saga_ids.append(saga_id)
-            self.tracked.append(tracked := Tracked(saga_id, plan))
-            self.by_id[saga_id] = tracked
-            self.open.add(saga_id)
+            self.tracked.append(self._track(Tracked(saga_id, plan)))
             if plan.duplicate_step is not None:
                 self.duplicates_due[saga_id] = plan.duplicate_step
             if self.broker_state == "down":
@@ -355,18 +362,24 @@ class ChaosRun:
 
     def _follow_up(self, saga_id: str) -> None:
         """``--cancel-rate``: follow that share of finished sagas up (a trip: cancel it)."""
-        if not self.options.cancel_rate or self.follow_rng.random() >= self.options.cancel_rate:
+        definition = self.follow_up_definition
+        if definition is None or not self.options.cancel_rate:
             return
-        definition = registry.get(self.harness.follow_up_type)
-        undo = {step.name: step.undo_name for step in definition.steps}
-        plan = draw_plan(self.follow_rng, self.options, definition.action_names, undo)
+        if self.follow_rng.random() >= self.options.cancel_rate:
+            return
+        plan = draw_plan(
+            self.follow_rng, self.options, definition.action_names, _undo_names(definition)
+        )
         new_id = self.harness.follow_up(saga_id, chaos=plan.chaos or None)
-        if new_id is None:
-            return
-        self.harness.saga_ids.append(new_id)
-        self.follow_ups.append(tracked := Tracked(new_id, plan, follow_up=True))
-        self.by_id[new_id] = tracked
-        self.open.add(new_id)
+        if new_id is not None:
+            self.follow_ups.append(self._track(Tracked(new_id, plan, follow_up=True)))
+
+    def _track(self, tracked: Tracked) -> Tracked:
+        """A saga the run started: watched until it ends, cleaned up after."""
+        self.harness.saga_ids.append(tracked.saga_id)
+        self.by_id[tracked.saga_id] = tracked
+        self.open.add(tracked.saga_id)
+        return tracked
 
     def _publish_duplicates(self) -> None:
         while self.duplicates_ready:

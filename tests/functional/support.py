@@ -79,37 +79,38 @@ def stock(items) -> dict[str, tuple[int, int, int]]:
     }
 
 
+# The three test items of tests/conftest.py's trip_items: one trip's total,
+# and (available, held, sold) before any booking and after one confirmed trip.
+TOTAL = Decimal("360.00")
+UNTOUCHED = {"FL-TEST": (5, 0, 0), "HT-TEST": (5, 0, 0), "CR-TEST": (5, 0, 0)}
+SOLD = {"FL-TEST": (4, 0, 1), "HT-TEST": (4, 0, 1), "CR-TEST": (4, 0, 1)}
+
+
+def reference(booking) -> str:
+    return f"booking:{booking.id}"
+
+
+def ledger(booking) -> dict[str, Decimal]:
+    """Charged, refunded and net money for the booking in our ledger."""
+    from payments import selectors
+
+    return selectors.money_totals(references=[reference(booking)])
+
+
+def books(booking) -> dict[str, Decimal]:
+    return gateway_books(reference(booking))
+
+
 def gateway_books(reference: str) -> dict[str, Decimal]:
     """Captured, refunded and net money for ``reference`` as the gateway itself records it."""
-    from payments.gateways import get_gateway
+    from payments import selectors
 
-    gateway = get_gateway()
-    charges = gateway.charges(reference=reference)
-    captured = sum((charge.amount for charge in charges), Decimal(0))
-    refunded = sum(
-        (refund.amount for charge in charges for refund in gateway.refunds(charge_id=charge.id)),
-        Decimal(0),
-    )
-    return {"captured": captured, "refunded": refunded, "net": captured - refunded}
+    books = selectors.gateway_books(reference=reference)
+    return {"captured": books.captured, "refunded": books.refunded, "net": books.net}
 
 
 def gateway_unrecorded(reference: str) -> list[str]:
     """Every capture or refund the gateway holds for ``reference`` that our ledger lacks."""
-    from payments.gateways import get_gateway
-    from payments.models import Charge, Refund
+    from payments import selectors
 
-    gateway = get_gateway()
-    charges = set(
-        Charge.objects.filter(reference=reference).values_list("idempotency_key", "amount")
-    )
-    refunds = set(
-        Refund.objects.filter(charge__reference=reference).values_list("idempotency_key", "amount")
-    )
-    problems = []
-    for charge in gateway.charges(reference=reference):
-        if (charge.idempotency_key, charge.amount) not in charges:
-            problems.append(f"capture {charge.idempotency_key} of {charge.amount} not recorded")
-        for refund in gateway.refunds(charge_id=charge.id):
-            if (refund.idempotency_key, refund.amount) not in refunds:
-                problems.append(f"refund {refund.idempotency_key} of {refund.amount} not recorded")
-    return problems
+    return selectors.gateway_unrecorded(books=selectors.gateway_books(reference=reference))

@@ -32,12 +32,18 @@ from sagas.canvas import action_chain, action_signature
 from sagas.models import Saga, SagaLog
 from tests.conftest import wait_for
 from tests.functional.support import (
+    SOLD,
+    TOTAL,
     TRIP_STEPS,
+    UNTOUCHED,
     book_trip,
+    books,
     done_steps,
     gateway_books,
     gateway_unrecorded,
+    ledger,
     park_after,
+    reference,
     stock,
     wait_terminal,
 )
@@ -45,9 +51,6 @@ from tests.sagas.support import StandInTask, act
 
 pytestmark = [pytest.mark.saga, pytest.mark.django_db(transaction=True)]
 
-TOTAL = Decimal("360.00")
-UNTOUCHED = {"FL-TEST": (5, 0, 0), "HT-TEST": (5, 0, 0), "CR-TEST": (5, 0, 0)}
-SOLD = {"FL-TEST": (4, 0, 1), "HT-TEST": (4, 0, 1), "CR-TEST": (4, 0, 1)}
 ACTION = SagaLog.Phase.ACTION
 COMPENSATION = SagaLog.Phase.COMPENSATION
 LogStatus = SagaLog.Status
@@ -66,18 +69,6 @@ BODY = {
 @pytest.fixture(autouse=True)
 def _worker(celery_worker):
     return celery_worker
-
-
-def reference(booking) -> str:
-    return f"booking:{booking.id}"
-
-
-def ledger(booking) -> dict[str, Decimal]:
-    return payment_selectors.money_totals(references=[reference(booking)])
-
-
-def books(booking) -> dict[str, Decimal]:
-    return gateway_books(reference(booking))
 
 
 def attempts(saga_id, step: str, phase: str = ACTION) -> list[SagaLog]:
@@ -542,11 +533,8 @@ def test_a_copy_in_flight_when_another_copy_fails_for_good_has_its_capture_refun
     assert_undone(booking, trip_items)
 
 
-def test_a_late_copy_finding_its_saga_compensated_past_it_refunds_a_lost_capture(
-    customer, trip_items
-):
-    # An earlier copy captured and died before any record of it reached us;
-    # the saga was compensated without the charge (nothing on record said so).
+def captured_by_a_lost_copy(customer, trip_items):
+    """A saga at its charge whose capture only the gateway knows: its copy died after it."""
     saga_id = park_after(customer, trip_items, 3)
     booking = Booking.objects.get(saga_id=saga_id)
     get_gateway().charge(
@@ -556,6 +544,15 @@ def test_a_late_copy_finding_its_saga_compensated_past_it_refunds_a_lost_capture
         idempotency_key=charge_key(saga_id),
         reference=reference(booking),
     )
+    return saga_id, booking
+
+
+def test_a_late_copy_finding_its_saga_compensated_past_it_refunds_a_lost_capture(
+    customer, trip_items
+):
+    # An earlier copy captured and died before any record of it reached us;
+    # the saga was compensated without the charge (nothing on record said so).
+    saga_id, booking = captured_by_a_lost_copy(customer, trip_items)
     Saga.objects.filter(pk=saga_id).update(status=Saga.Status.COMPENSATED, undo_cursor=0)
     for line in booking.lines.all():
         inventory_services.hold_release(reference=line.hold_reference)
@@ -570,15 +567,7 @@ def test_a_late_copy_finding_its_saga_compensated_past_it_refunds_a_lost_capture
 
 
 def test_a_late_copy_leaves_a_failed_sagas_undo_to_the_operators_retry(customer, trip_items):
-    saga_id = park_after(customer, trip_items, 3)
-    booking = Booking.objects.get(saga_id=saga_id)
-    get_gateway().charge(
-        amount=TOTAL,
-        currency="EUR",
-        card_token="tok_ok",
-        idempotency_key=charge_key(saga_id),
-        reference=reference(booking),
-    )
+    saga_id, booking = captured_by_a_lost_copy(customer, trip_items)
     # FAILED with the charge still to undo: the operator's retry will, in turn.
     Saga.objects.filter(pk=saga_id).update(status=Saga.Status.FAILED, undo_cursor=4)
 

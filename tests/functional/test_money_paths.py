@@ -15,38 +15,29 @@ from django.utils import timezone
 
 from bookings import services as booking_services
 from bookings.models import Booking
-from payments import selectors as payment_selectors
 from payments.errors import GatewayUnavailable
 from payments.gateways.fake import FakeGateway
 from sagas import services as saga_services
 from sagas.canvas import COMPENSATION_FAILED
 from sagas.models import Saga, SagaLog
 from tests.functional.support import (
+    SOLD,
+    TOTAL,
+    UNTOUCHED,
     book_trip,
+    books,
     done_steps,
-    gateway_books,
+    ledger,
     stock,
     wait_terminal,
 )
 
 pytestmark = [pytest.mark.saga, pytest.mark.django_db(transaction=True)]
 
-TOTAL = Decimal("360.00")
-UNTOUCHED = {"FL-TEST": (5, 0, 0), "HT-TEST": (5, 0, 0), "CR-TEST": (5, 0, 0)}
-SOLD = {"FL-TEST": (4, 0, 1), "HT-TEST": (4, 0, 1), "CR-TEST": (4, 0, 1)}
-
 
 @pytest.fixture(autouse=True)
 def _worker(celery_worker):
     return celery_worker
-
-
-def ledger(booking) -> dict[str, Decimal]:
-    return payment_selectors.money_totals(references=[f"booking:{booking.id}"])
-
-
-def books(booking) -> dict[str, Decimal]:
-    return gateway_books(f"booking:{booking.id}")
 
 
 @pytest.fixture

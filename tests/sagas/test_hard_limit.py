@@ -102,14 +102,20 @@ def test_an_action_killed_by_its_hard_limit_is_published_again_and_nothing_is_un
     compensations.assert_not_called()
 
 
+def killed_at_the_hotel(trip, make_booking, capture_on_commit):
+    """A saga past reserve_flight whose reserve_hotel was killed once (task killed-hotel-1)."""
+    _booking, saga = make_booking()
+    act(trip, saga, "reserve_flight")
+    with mock.patch("sagas.canvas.action_chain"), capture_on_commit(execute=True):
+        killed(saga, "killed-hotel-1")
+    return saga
+
+
 @pytest.mark.django_db
 def test_the_second_hard_kill_counts_the_first_as_a_retry(
     trip, make_booking, django_capture_on_commit_callbacks
 ):
-    _booking, saga = make_booking()
-    act(trip, saga, "reserve_flight")
-    with mock.patch("sagas.canvas.action_chain"), django_capture_on_commit_callbacks(execute=True):
-        killed(saga, "killed-hotel-1")
+    saga = killed_at_the_hotel(trip, make_booking, django_capture_on_commit_callbacks)
 
     with (
         mock.patch("sagas.canvas.action_chain") as actions,
@@ -172,10 +178,7 @@ def test_one_hard_kill_reported_twice_is_retried_once(
 ):
     # Celery 5.7 on prefork calls a hard-killed task's errbacks twice: once
     # from the pool's failure callback, once from Request.on_timeout.
-    _booking, saga = make_booking()
-    act(trip, saga, "reserve_flight")
-    with mock.patch("sagas.canvas.action_chain"), django_capture_on_commit_callbacks(execute=True):
-        killed(saga, "killed-hotel-1")
+    saga = killed_at_the_hotel(trip, make_booking, django_capture_on_commit_callbacks)
 
     with (
         mock.patch("sagas.canvas.action_chain") as actions,
@@ -195,10 +198,7 @@ def test_one_hard_kill_reported_twice_is_retried_once(
 def test_a_second_report_of_a_hard_kill_after_its_retry_succeeded_blames_no_later_step(
     trip, make_booking, django_capture_on_commit_callbacks
 ):
-    _booking, saga = make_booking()
-    act(trip, saga, "reserve_flight")
-    with mock.patch("sagas.canvas.action_chain"), django_capture_on_commit_callbacks(execute=True):
-        killed(saga, "killed-hotel-1")
+    saga = killed_at_the_hotel(trip, make_booking, django_capture_on_commit_callbacks)
     act(trip, saga, "reserve_hotel", StandInTask(retries=1))  # the retry went through
 
     with (
