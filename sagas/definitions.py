@@ -38,8 +38,11 @@ from django.db import OperationalError
 from sagas.errors import TransientError, UnknownSagaType
 from sagas.models import Saga
 
-# Saga-level tasks (errbacks, finishing, reconciling) run here; steps name their own.
+# Saga-level tasks (errbacks, finishing) run here; steps name their own.
 SAGA_QUEUE = "sagas"
+# Beat's jobs (reconciler, sweeper, retention): a queue of their own, so that a
+# backlog of saga work never delays recovery (settings.MAINTENANCE_QUEUE).
+MAINTENANCE_QUEUE = "maintenance"
 
 StepFn = Callable[["Saga"], dict[str, Any] | None]
 Hook = Callable[["Saga"], None]

@@ -22,7 +22,7 @@ from django.conf import settings
 
 from sagas import services
 from sagas.canvas import COMPENSATION_FAILED, FINISH_COMPENSATION, STEP_FAILED
-from sagas.definitions import SagaDefinition, Step, registry
+from sagas.definitions import MAINTENANCE_QUEUE, SagaDefinition, Step, registry
 from sagas.runtime import run_action, run_compensation
 
 
@@ -78,12 +78,12 @@ def _hit_hard_time_limit(app, failed_task_id: str) -> bool:
         return False
 
 
-@shared_task(name="sagas.reconcile_pending", acks_late=True)
+@shared_task(name="sagas.reconcile_pending", acks_late=True, queue=MAINTENANCE_QUEUE)
 def reconcile_pending(**_ignored: Any) -> int:
     return services.sagas_reconcile_pending()
 
 
-@shared_task(name="sagas.recover_stalled", acks_late=True)
+@shared_task(name="sagas.recover_stalled", acks_late=True, queue=MAINTENANCE_QUEUE)
 def recover_stalled(**_ignored: Any) -> dict[str, int]:
     return services.sagas_recover_stalled()
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 import redis
 
-QUEUES = ["sagas", "bookings", "inventory", "payments", "toy"]
+QUEUES = ["sagas", "bookings", "inventory", "payments", "toy", "maintenance"]
 
 
 def purge_broker(app) -> None:

@@ -40,6 +40,52 @@ def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
+def postgres_session_options() -> dict:
+    """libpq options that bound every wait of a web or worker session (DESIGN.md 2, Recovery).
+
+    - ``lock_timeout``: a statement waiting this long for a row lock fails
+      (LockNotAvailable) instead of queueing behind a frozen session.
+    - ``statement_timeout``: no statement runs longer than this.
+    - ``idle_in_transaction_session_timeout``: a session that sits in an open
+      transaction this long without a statement (its host frozen, its network
+      cut) is ended by the server, which releases its row locks. Just above
+      the longest step transaction: no gateway call runs inside one.
+    - TCP keepalives and ``tcp_user_timeout``: a peer that vanished is noticed
+      in about ``DB_KEEPALIVES_IDLE_S + 3 * DB_KEEPALIVES_INTERVAL_S`` seconds
+      (``DB_TCP_USER_TIMEOUT_MS`` for data sent and never acknowledged),
+      not after the operating system's two hours.
+    - ``connect_timeout``: connecting to a database that does not answer fails.
+    - ``application_name`` (``DATABASE_APPLICATION_NAME``): how the session
+      shows in ``pg_stat_activity``, so an operator can tell (and end) them.
+
+    Zero turns a timeout off.
+    """
+    timeouts = {
+        "lock_timeout": env_int("DB_LOCK_TIMEOUT_MS", 5_000),
+        "statement_timeout": env_int("DB_STATEMENT_TIMEOUT_MS", 60_000),
+        "idle_in_transaction_session_timeout": env_int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 30_000),
+    }
+    keepalives = {
+        "keepalives_idle": env_int("DB_KEEPALIVES_IDLE_S", 10, minimum=1),
+        "keepalives_interval": env_int("DB_KEEPALIVES_INTERVAL_S", 5, minimum=1),
+        "keepalives_count": env_int("DB_KEEPALIVES_COUNT", 3, minimum=1),
+    }
+    # The server probes the client the same way, so a session whose host
+    # vanished (not merely froze: a frozen host's kernel still answers) ends.
+    server = {**timeouts, **{f"tcp_{name}": value for name, value in keepalives.items()}}
+    options = {
+        "options": " ".join(f"-c {name}={value}" for name, value in server.items()),
+        "connect_timeout": env_int("DB_CONNECT_TIMEOUT_S", 5),
+        "keepalives": 1,
+        **keepalives,
+        "tcp_user_timeout": env_int("DB_TCP_USER_TIMEOUT_MS", 30_000),
+    }
+    name = os.environ.get("DATABASE_APPLICATION_NAME", "").strip()
+    if name:
+        options["application_name"] = name[:63]
+    return options
+
+
 def database_from_env(default_url: str | None) -> dict:
     url = os.environ.get("DATABASE_URL") or default_url
     if not url:
@@ -48,6 +94,8 @@ def database_from_env(default_url: str | None) -> dict:
         config = dj_database_url.parse(url, conn_max_age=0)
     except ValueError as exc:
         raise ImproperlyConfigured(f"DATABASE_URL is not a usable database URL: {exc}") from None
+    if config["ENGINE"].startswith("django.db.backends.postgresql"):
+        config["OPTIONS"] = {**postgres_session_options(), **config.get("OPTIONS", {})}
     if config["ENGINE"] == "django.db.backends.sqlite3":
         # A worker and the web server write concurrently: wait for the lock
         # instead of failing, and take it up front so transactions never upgrade.
@@ -183,17 +231,21 @@ CELERY_WORKER_SEND_TASK_EVENTS = True
 # No "task-sent" events: each would be one more publish on every chain hop,
 # and Flower follows tasks from the worker's events (received, succeeded).
 CELERY_TASK_SEND_SENT_EVENT = False
+# Beat's jobs (reconciler, sweeper, retention) have a queue of their own: a
+# backlog of errbacks on "sagas" must not make them expire unrun exactly when
+# they are needed. Every worker deployment consumes it (config/Procfile).
+MAINTENANCE_QUEUE = "maintenance"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_BEAT_SCHEDULE = {
     "sagas-reconcile-pending": {
         "task": "sagas.reconcile_pending",
         "schedule": float(env_int("SAGA_RECONCILE_INTERVAL_S", 5, minimum=1)),
-        "options": {"queue": "sagas", "expires": 30},
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": 30},
     },
     "sagas-recover-stalled": {
         "task": "sagas.recover_stalled",
         "schedule": float(env_int("SAGA_SWEEP_INTERVAL_S", 15, minimum=1)),
-        "options": {"queue": "sagas", "expires": 60},
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": 60},
     },
 }
 
