@@ -3,11 +3,15 @@ import os
 from celery import Celery
 from celery.signals import task_prerun
 
+from sagas.leases import MessageLeases
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
 app = Celery("backtrack")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+# Live workers renew their lease on the messages they hold (see sagas.broker).
+app.steps["consumer"].add(MessageLeases)
 
 
 @task_prerun.connect

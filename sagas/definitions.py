@@ -26,6 +26,7 @@ returning ``None`` found nothing to undo and is logged as skipped.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,8 +158,15 @@ class SagaDefinition:
 
     - ``name``: the ``saga_type`` stored on every saga of this type.
     - ``steps``: run in order; compensated newest first when one fails.
-    - ``deadline_s``: a saga still running this long after it was started is
+    - ``deadline_s``: a saga still running this long after it was created is
       compensated by the recovery sweeper (``saga_start`` can override it).
+      By default its steps' worst case (every attempt at its hard time limit
+      plus every backoff) and ``SAGA_STALL_GRACE_S``; the ``sagas.E003``
+      system check refuses a shorter one.
+    - ``compensation_deadline_s``: how long compensating may take from the
+      moment it begins (each operator retry starts the clock again); past it
+      the sweeper ends the saga FAILED for an operator. By default the
+      compensations' worst case and ``SAGA_STALL_GRACE_S``.
     - ``on_compensated(saga)`` / ``on_failed(saga)``: domain hooks run in the
       transaction that moves the saga to COMPENSATED or FAILED.
     - ``harness``: dotted path of the type's chaos and bench plug-in (a
@@ -174,7 +182,8 @@ class SagaDefinition:
         name: str,
         *,
         steps: list[Step],
-        deadline_s: int = 300,
+        deadline_s: int | None = None,
+        compensation_deadline_s: int | None = None,
         on_compensated: Hook | None = None,
         on_failed: Hook | None = None,
         harness: str = "",
@@ -186,7 +195,8 @@ class SagaDefinition:
             raise ValueError(f"saga {name!r} repeats a step or compensation name: {names}")
         self.name = name
         self.steps = tuple(steps)
-        self.deadline_s = deadline_s
+        self._deadline_s = deadline_s
+        self._compensation_deadline_s = compensation_deadline_s
         self.on_compensated = on_compensated
         self.on_failed = on_failed
         self.harness = harness
@@ -194,6 +204,28 @@ class SagaDefinition:
 
     def __repr__(self) -> str:
         return f"<SagaDefinition {self.name}: {' -> '.join(s.name for s in self.steps)}>"
+
+    def worst_case_s(self, phase: str = "action") -> float:
+        """How long every action (or every compensation) can take, retries and backoffs included."""
+        if phase == "action":
+            return sum(step.retry.worst_case_s(step.hard_limit_s) for step in self.steps)
+        return sum(
+            step.compensation_retry.worst_case_s(step.hard_limit_s)
+            for step in self.steps
+            if step.compensation is not None
+        )
+
+    @property
+    def deadline_s(self) -> int:
+        if self._deadline_s is not None:
+            return self._deadline_s
+        return math.ceil(self.worst_case_s("action") + settings.SAGA_STALL_GRACE_S)
+
+    @property
+    def compensation_deadline_s(self) -> int:
+        if self._compensation_deadline_s is not None:
+            return self._compensation_deadline_s
+        return math.ceil(self.worst_case_s("compensation") + settings.SAGA_STALL_GRACE_S)
 
     @property
     def action_names(self) -> list[str]:

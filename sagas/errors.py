@@ -1,3 +1,6 @@
+from django.db import InterfaceError, OperationalError
+
+
 class SagaError(Exception):
     """Base of the saga engine's errors; ``code`` is stable and machine-readable."""
 
@@ -48,3 +51,25 @@ class ChaosTransientError(TransientError):
     """A failure injected by the chaos plan that goes away on a later attempt."""
 
     code = "chaos_transient"
+
+
+class PoisonMessage(SagaError):
+    """A step's message lost its worker too many times: it fails for good, whatever its policy.
+
+    Each delivery that came back after its worker died (crashed, killed, or
+    frozen past its lease) is counted in SagaLog; past
+    ``SAGA_MAX_LOST_DELIVERIES`` the step stops being retried, so a message
+    that kills every worker it reaches cannot keep a saga from ending.
+    """
+
+    code = "poison_message"
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database could not be reached or a bounded wait ran out.
+
+    A dropped or restarted session, a lock or statement timeout: none of them
+    is the step's fault, and none left an effect behind (its transaction
+    rolled back), so the work is tried again later rather than failed.
+    """
+    return isinstance(exc, OperationalError | InterfaceError)

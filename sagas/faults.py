@@ -56,7 +56,7 @@ def validate_plan(plan: Any, *, actions: list[str], compensations: list[str]) ->
     return plan
 
 
-def before_action(saga: Saga, step: str, attempt: int) -> None:
+def before_action(saga: Saga, step: str, attempt: int, *, first_delivery: bool = True) -> None:
     plan = saga.context.get("chaos")
     if not plan:
         return
@@ -69,7 +69,9 @@ def before_action(saga: Saga, step: str, attempt: int) -> None:
         raise ChaosTransientError(f"chaos: {step} fails transiently (attempt {attempt})")
 
 
-def before_compensation(saga: Saga, step: str, attempt: int) -> None:
+def before_compensation(
+    saga: Saga, step: str, attempt: int, *, first_delivery: bool = True
+) -> None:
     plan = saga.context.get("chaos")
     if not plan:
         return

@@ -3,6 +3,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Now
 
 
 class Saga(models.Model):
@@ -44,10 +45,13 @@ class Saga(models.Model):
     # Compensation rounds: 1 when compensation begins, one more per operator
     # retry. Failure reports of an earlier round change nothing.
     round = models.PositiveSmallIntegerField(default=0, db_default=0)
-    created_at = models.DateTimeField(auto_now_add=True)
+    # Stamped by the database's clock, as are ``updated_at`` (every UPDATE sets
+    # it to Now()) and ``deadline``: deadlines and stall checks compare them
+    # with the database's clock, never with one host's against another's.
+    created_at = models.DateTimeField(db_default=Now())
     dispatched_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
-    updated_at = models.DateTimeField(auto_now=True)
+    updated_at = models.DateTimeField(db_default=Now())
     finished_at = models.DateTimeField(null=True, blank=True)
     # Stored when the saga ends, so stats and metrics aggregate a column.
     duration_ms = models.PositiveIntegerField(null=True, blank=True)
@@ -110,6 +114,7 @@ class SagaLog(models.Model):
         TIMED_OUT = "timed_out", "Timed out (may have had an effect)"
         DUPLICATE = "duplicate", "Duplicate delivery, ignored"
         IGNORED = "ignored", "Arrived too late, ignored"
+        LOST = "lost", "Delivered again: the worker running it was lost"
         NOTE = "note", "Operator note"
 
     DONE = (Status.SUCCEEDED, Status.SKIPPED)

@@ -27,6 +27,7 @@ the saga is still going to.
 from __future__ import annotations
 
 import logging
+import random
 import traceback
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,14 +35,15 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
-from django.db import transaction
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
-from django.db.models.functions import Coalesce
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from sagas import faults
 from sagas.definitions import RetryPolicy, SagaDefinition, Step
-from sagas.errors import EffectUncertain
+from sagas.errors import EffectUncertain, PoisonMessage, database_unavailable
 from sagas.models import Saga, SagaLog
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,15 @@ class _Attempt:
     @property
     def number(self) -> int:
         return self.task.request.retries + 1
+
+    @property
+    def outages(self) -> int:
+        """Retries spent waiting out the database (they do not count against the policy)."""
+        return int((getattr(self.task.request, "kwargs", None) or {}).get("outages", 0) or 0)
+
+    @property
+    def first_delivery(self) -> bool:
+        return self.number == 1 and not self.redelivered
 
     round: int = 0
     # An external step's call went out: whatever fails after that may have had
@@ -169,13 +180,16 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
     attempt = _Attempt(task, definition, index, saga_id, ACTION, timezone.now())
     step = attempt.step
     try:
+        _count_lost_delivery(attempt)
         if step.external:
             _external_action(attempt)
         else:
             with transaction.atomic():
                 saga = _lock(saga_id)
                 _raise_if(_action_not_due(attempt, saga))
-                faults.before_action(saga, step.name, attempt.number)
+                faults.before_action(
+                    saga, step.name, attempt.number, first_delivery=attempt.first_delivery
+                )
                 if not _commit_action(attempt, saga, step.action(saga)):
                     # Lost a race the row lock cannot prevent (SQLite).
                     raise _Outcome(SagaLog.Status.DUPLICATE, "already done", continue_chain=True)
@@ -184,6 +198,7 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
     except (Ignore, Retry):
         raise
     except Exception as exc:
+        _retry_outage(attempt, exc)
         uncertain = attempt.called_out or isinstance(exc, step.uncertain_on)
         policy = step.compensation_retry if attempt.undoing else step.retry
         _fail(attempt, exc, policy, uncertain=uncertain)
@@ -195,7 +210,7 @@ def _external_action(attempt: _Attempt) -> None:
     saga = _read(attempt.saga_id)
     if outcome := _action_not_due(attempt, saga):
         raise _undo_stranded_effect(attempt, saga, outcome)
-    faults.before_action(saga, step.name, attempt.number)
+    faults.before_action(saga, step.name, attempt.number, first_delivery=attempt.first_delivery)
     attempt.mark_started()
     result = step.action(saga)  # no transaction open: the call may take seconds
     with transaction.atomic():
@@ -247,10 +262,10 @@ def _commit_action(attempt: _Attempt, saga: Saga, result: Any) -> bool:
         steps_done=index + 1,
         current_step=attempt.step.name,
         status=Saga.Status.COMPLETED if last else Saga.Status.RUNNING,
-        started_at=Coalesce(F("started_at"), now),
+        started_at=Coalesce(F("started_at"), Now()),
         finished_at=now if last else None,
         duration_ms=elapsed_ms(started, now) if last else None,
-        updated_at=now,
+        updated_at=Now(),
     )
     if moved:
         attempt.log(SagaLog.Status.SUCCEEDED, result=result)
@@ -306,10 +321,13 @@ def run_compensation(
     step = attempt.step
     assert step.compensation is not None
     try:
+        _count_lost_delivery(attempt)
         if step.external:
             saga = _read(saga_id)
             _raise_if(_compensation_not_due(attempt, saga))
-            faults.before_compensation(saga, attempt.name, attempt.number)
+            faults.before_compensation(
+                saga, attempt.name, attempt.number, first_delivery=attempt.first_delivery
+            )
             result = step.compensation(saga)  # no transaction open: the call may take seconds
             with transaction.atomic():
                 # The conditional UPDATE is the barrier, as for external actions.
@@ -318,13 +336,16 @@ def run_compensation(
             with transaction.atomic():
                 saga = _lock(saga_id)
                 _raise_if(_compensation_not_due(attempt, saga))
-                faults.before_compensation(saga, attempt.name, attempt.number)
+                faults.before_compensation(
+                    saga, attempt.name, attempt.number, first_delivery=attempt.first_delivery
+                )
                 status = _commit_compensation(attempt, step.compensation(saga))
     except _Outcome as outcome:
         return _settle(attempt, outcome)
     except (Ignore, Retry):
         raise
     except Exception as exc:
+        _retry_outage(attempt, exc)
         _fail(attempt, exc, step.compensation_retry, uncertain=False)
     return attempt.reply(status)
 
@@ -354,7 +375,7 @@ def _commit_compensation(attempt: _Attempt, result: Any) -> str:
     status = SagaLog.Status.SKIPPED if result is None else SagaLog.Status.SUCCEEDED
     moved = Saga.objects.filter(
         pk=attempt.saga_id, status=Saga.Status.COMPENSATING, undo_cursor__gt=attempt.index
-    ).update(undo_cursor=attempt.index, current_step=attempt.name, updated_at=timezone.now())
+    ).update(undo_cursor=attempt.index, current_step=attempt.name, updated_at=Now())
     if not moved:
         raise _Outcome(SagaLog.Status.DUPLICATE, "already undone", continue_chain=True)
     attempt.log(status, result=result)
@@ -364,8 +385,9 @@ def _commit_compensation(attempt: _Attempt, result: Any) -> str:
 def _settle(attempt: _Attempt, outcome: _Outcome) -> dict:
     """Record a delivery that had nothing to do; stop the chain if the saga moved on."""
     logger.info("saga %s %s %s: %s", attempt.saga_id, attempt.name, attempt.phase, outcome.reason)
-    if Saga.objects.filter(pk=attempt.saga_id).exists():
-        attempt.log(outcome.status, error=outcome.reason)
+    with _bookkeeping(attempt, "record the delivery"):
+        if Saga.objects.filter(pk=attempt.saga_id).exists():
+            attempt.log(outcome.status, error=outcome.reason)
     if not outcome.continue_chain:
         raise Ignore(outcome.reason)
     return attempt.reply(outcome.status)
@@ -382,19 +404,132 @@ def _fail(attempt: _Attempt, exc: Exception, policy: RetryPolicy, *, uncertain: 
     error = f"{type(exc).__name__}: {exc}"
     uncertain = (
         uncertain
-        or isinstance(exc, (SoftTimeLimitExceeded, EffectUncertain))
+        or isinstance(exc, (SoftTimeLimitExceeded, EffectUncertain, PoisonMessage))
         or attempt.redelivered
     )
-    retries = attempt.task.request.retries
-    if policy.retries(exc) and retries < policy.max_retries:
+    # Retries spent on database outages are not the step's failures.
+    retries = attempt.task.request.retries - attempt.outages
+    if policy.retries(exc) and not isinstance(exc, PoisonMessage) and retries < policy.max_retries:
         countdown = policy.delay(retries)
-        attempt.log(
-            SagaLog.Status.RETRYING,
-            error=f"{error} (retry in {countdown}s)",
-            may_have_effect=uncertain,
+        # A row that cannot be written (the database went away meanwhile) must
+        # not turn a retry into a failure of the step, and so of the saga.
+        with _bookkeeping(attempt, "record the retry"):
+            attempt.log(
+                SagaLog.Status.RETRYING,
+                error=f"{error} (retry in {countdown}s)",
+                may_have_effect=uncertain,
+            )
+        raise attempt.task.retry(
+            exc=exc, countdown=countdown, max_retries=policy.max_retries + attempt.outages
         )
-        raise attempt.task.retry(exc=exc, countdown=countdown, max_retries=policy.max_retries)
     status = SagaLog.Status.TIMED_OUT if uncertain else SagaLog.Status.FAILED
     detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    attempt.log(status, error=detail, may_have_effect=uncertain)
+    # Without this row the errback finds no definite failure, and undoes the
+    # step too: the safe side.
+    with _bookkeeping(attempt, "record the failure"):
+        attempt.log(status, error=detail, may_have_effect=uncertain)
     raise exc
+
+
+def _retry_outage(attempt: _Attempt, exc: Exception) -> None:
+    """The database was unreachable or a bounded wait ran out: try again later.
+
+    Such an error says nothing about the step (its transaction rolled back),
+    so it is retried with backoff outside the step's own policy, up to
+    ``SAGA_OUTAGE_RETRIES`` times; the broken connection is dropped so the
+    next attempt connects afresh. Returns if ``exc`` is something else, or
+    the outage budget is spent (the step's policy then decides). A call that
+    already went out may have had its effect: the next attempt repeats it
+    under the same idempotency key.
+    """
+    if not database_unavailable(exc) or attempt.outages >= settings.SAGA_OUTAGE_RETRIES:
+        return
+    drop_broken_connection()
+    outages = attempt.outages + 1
+    delay = min(float(settings.SAGA_OUTAGE_MAX_DELAY_S), 0.5 * 2 ** min(outages, 10))
+    countdown = round(random.uniform(delay / 2, delay), 3)
+    logger.warning(
+        "saga %s %s %s: database unavailable (%s); trying again in %ss (outage retry %d)",
+        attempt.saga_id,
+        attempt.name,
+        attempt.phase,
+        type(exc).__name__,
+        countdown,
+        outages,
+    )
+    request = attempt.task.request
+    raise attempt.task.retry(
+        kwargs={**(getattr(request, "kwargs", None) or {}), "outages": outages},
+        exc=exc,
+        countdown=countdown,
+        max_retries=request.retries + 1,
+    )
+
+
+def drop_broken_connection() -> None:
+    """Close this thread's database connection if it no longer works (a restart, a kill)."""
+    if connection.connection is not None and not connection.is_usable():
+        connection.close()
+
+
+class _bookkeeping:
+    """Run a SagaLog write whose loss must not fail the step: log it and go on.
+
+    Only database errors are swallowed (the connection is dropped so the
+    next task reconnects); anything else is a bug and propagates.
+    """
+
+    def __init__(self, attempt: _Attempt, what: str) -> None:
+        self.attempt, self.what = attempt, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or not database_unavailable(exc):
+            return False
+        logger.warning(
+            "saga %s %s %s: could not %s (%s); going on without the row",
+            self.attempt.saga_id,
+            self.attempt.name,
+            self.attempt.phase,
+            self.what,
+            exc,
+        )
+        drop_broken_connection()
+        return True
+
+
+def _count_lost_delivery(attempt: _Attempt) -> None:
+    """A message delivered again after its worker was lost: record it, and stop a poison one.
+
+    Only redelivered messages pay for this (one INSERT and one count, in a
+    transaction of their own, so the record survives if this delivery
+    crashes its worker too). Past ``SAGA_MAX_LOST_DELIVERIES`` the attempt
+    fails for good with :class:`PoisonMessage`, whatever its retry policy:
+    an action is then compensated (its effect may have landed), a
+    compensation ends the saga FAILED for an operator.
+    """
+    if not attempt.redelivered:
+        return
+    try:
+        with transaction.atomic():
+            attempt.log(
+                SagaLog.Status.LOST,
+                error="delivered again: the worker running it was lost (crashed, killed or frozen)",
+                may_have_effect=True,
+            )
+            lost = SagaLog.objects.filter(
+                saga_id=attempt.saga_id,
+                step=attempt.name,
+                phase=attempt.phase,
+                round=attempt.round,
+                status=SagaLog.Status.LOST,
+            ).count()
+    except IntegrityError:  # the saga is gone: the step finds that out next
+        return
+    if lost > settings.SAGA_MAX_LOST_DELIVERIES:
+        raise PoisonMessage(
+            f"{attempt.name} lost its worker {lost} times (SAGA_MAX_LOST_DELIVERIES="
+            f"{settings.SAGA_MAX_LOST_DELIVERIES}): not delivered again"
+        )

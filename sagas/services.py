@@ -9,6 +9,7 @@ operator actions (``saga_retry_compensation``, ``saga_mark_resolved``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
@@ -16,11 +17,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
-from django.db.models.functions import Coalesce
+from django.db.models import BooleanField, Count, ExpressionWrapper, F, Q
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
-from sagas import canvas
+from sagas import broker, canvas
 from sagas.definitions import SagaDefinition, registry
 from sagas.errors import InvalidSagaState, SagaNotFound
 from sagas.models import Saga, SagaLog
@@ -57,14 +58,17 @@ def saga_start(
     publishes it.
     """
     definition = registry.get(saga_type)
-    now = timezone.now()
+    lifetime = timedelta(seconds=deadline_s or definition.deadline_s)
     saga = Saga.objects.create(
         saga_type=definition.name,
         business_key=business_key,
         owner=owner,
         context=context or {},
-        deadline=now + timedelta(seconds=deadline_s or definition.deadline_s),
+        # The database's clock, like created_at: the sweeper compares it with no other.
+        deadline=Now() + lifetime,
     )
+    # The same value the INSERT computed, without reading it back.
+    saga.deadline = saga.created_at + lifetime
     # robust: the caller's transaction has committed by then; whatever goes
     # wrong afterwards is the reconciler's to mend, never the caller's error.
     _after_commit(
@@ -85,13 +89,12 @@ def saga_publish(*, saga_id, saga_type: str) -> bool:
     except Exception:
         logger.exception("saga %s: publishing failed; the reconciler will retry", saga_id)
         return False
-    now = timezone.now()
     try:
         Saga.objects.filter(pk=saga_id, status=Status.PENDING).update(
             status=Status.RUNNING,
-            dispatched_at=now,
-            started_at=Coalesce(F("started_at"), now),
-            updated_at=now,
+            dispatched_at=Now(),
+            started_at=Coalesce(F("started_at"), Now()),
+            updated_at=Now(),
         )
     except Exception:
         # Published but still PENDING: the steps run all the same (they take
@@ -101,32 +104,91 @@ def saga_publish(*, saga_id, saga_type: str) -> bool:
 
 
 def sagas_reconcile_pending(*, limit: int = 500) -> int:
-    """Publish sagas committed but never published. Safe to run on two beats at once.
+    """Publish sagas committed but never published; end those already past their deadline.
 
-    A saga is taken only by the process whose conditional UPDATE stamps its
-    ``dispatched_at``; a publish that reaches the broker twice is harmless
-    anyway, because every step is guarded by the barrier.
+    Safe to run on two beats at once: a saga is taken only by the process
+    whose transaction locked it (``SKIP LOCKED``: a row another session holds
+    is left for the next run, never waited for) and stamped its
+    ``dispatched_at``. A publish that reaches the broker twice is harmless
+    anyway, because every step is guarded by the barrier; a saga whose
+    message is still queued (published, but marking it RUNNING failed) is
+    not published again. A saga of a type this process does not know is
+    reported and left alone, so it cannot block the ones behind it.
     """
-    now = timezone.now()
-    cutoff = now - timedelta(seconds=settings.SAGA_DISPATCH_GRACE_S)
-    stale = Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=cutoff)
-    candidates = list(
-        Saga.objects.filter(stale, status=Status.PENDING, created_at__lt=cutoff)
-        .order_by("created_at")
-        .values_list("id", "saga_type")[:limit]
-    )
-    published = 0
-    for saga_id, saga_type in candidates:
-        claimed = Saga.objects.filter(stale, pk=saga_id, status=Status.PENDING).update(
-            dispatched_at=now
+    grace = timedelta(seconds=settings.SAGA_DISPATCH_GRACE_S)
+    stale = Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=Now() - grace)
+    pending = Saga.objects.filter(stale, status=Status.PENDING, created_at__lt=Now() - grace)
+    report_unknown_types()
+    with transaction.atomic():
+        rows = list(
+            pending.filter(saga_type__in=registry.names())
+            .select_for_update(skip_locked=True)
+            .annotate(overdue=ExpressionWrapper(Q(deadline__lt=Now()), BooleanField()))
+            .order_by("created_at")
+            .values_list("id", "saga_type", "overdue", "dispatched_at")[:limit]
         )
-        if claimed and saga_publish(saga_id=saga_id, saga_type=saga_type):
+        queued = (
+            broker.sagas_with_messages(
+                {str(row[0]) for row in rows if row[3] is not None and not row[2]}
+            )
+            or set()
+        )
+        rows = [row for row in rows if str(row[0]) not in queued]
+        Saga.objects.filter(pk__in=[row[0] for row in rows]).update(dispatched_at=Now())
+    published = ended = 0
+    for saga_id, saga_type, overdue, _dispatched in rows:
+        if overdue:
+            ended += _end_unstarted(saga_id)
+        elif saga_publish(saga_id=saga_id, saga_type=saga_type):
             published += 1
     if published:
         logger.warning(
             "re-dispatched %d saga(s) that were committed but never published", published
         )
+    if ended:
+        logger.warning("ended %d saga(s) whose deadline passed before any step ran", ended)
     return published
+
+
+def report_unknown_types() -> dict[str, int]:
+    """Sagas in flight whose type no saga_steps module of this process declares, by type.
+
+    They are skipped by recovery (logged here at every run) until code that
+    declares their type is deployed, or an operator ends them.
+    """
+    unknown = dict(
+        Saga.objects.filter(status__in=(Status.PENDING, Status.RUNNING, Status.COMPENSATING))
+        .exclude(saga_type__in=registry.names())
+        .values_list("saga_type")
+        .annotate(n=Count("id"))
+        .values_list("saga_type", "n")
+    )
+    if unknown:
+        logger.error(
+            "sagas of unknown type wait, skipped by recovery (deploy the code declaring them): %s",
+            ", ".join(f"{name} ({n})" for name, n in sorted(unknown.items())),
+        )
+    return unknown
+
+
+def _end_unstarted(saga_id) -> bool:
+    """End a PENDING saga past its deadline without running a step: nothing was done to undo.
+
+    It ends COMPENSATED (its type's ``on_compensated`` runs, e.g. a booking
+    is rejected) with the reason. A step already running on it holds its row
+    and makes this a no-op; one still queued will find it ended and do nothing.
+    """
+    with transaction.atomic():
+        saga = (
+            Saga.objects.select_for_update(skip_locked=True)
+            .filter(pk=saga_id, status=Status.PENDING, steps_done=0)
+            .first()
+        )
+        if saga is None:
+            return False
+        saga.failure_reason = "deadline passed before any step ran: ended without running them"
+        _end_compensated(saga, registry.get(saga.saga_type))
+    return True
 
 
 def saga_action_failed(
@@ -148,23 +210,34 @@ def saga_action_failed(
 
 
 def saga_begin_compensation(
-    *, saga_id, failed_task_id: str = "", reason: str = "", step: int | None = None
+    *,
+    saga_id,
+    failed_task_id: str = "",
+    reason: str = "",
+    step: int | None = None,
+    skip_locked: bool = False,
 ) -> bool:
     """Claim a failed saga (PENDING/RUNNING -> COMPENSATING) and queue its compensations.
 
-    Only the caller whose UPDATE moved the row queues anything, so a second
-    errback for the same saga is a no-op. The failing step is undone too unless
-    its last attempt is a definite failure and no attempt of it may have had
-    an effect: a lost answer, a time limit or a lost worker in *any* attempt,
-    an attempt still in flight, or a step the sweeper gave up on at the
-    deadline may have had one, and compensations cope with finding nothing.
+    Only the caller that locked the row and moved it queues anything, so a
+    second errback for the same saga is a no-op. The row is never waited for:
+    an errback finding it locked (``NOWAIT``) fails with a database error and
+    is retried later; the sweeper (``skip_locked``) leaves it for its next run.
+    The failing step is undone too unless its last attempt is a definite
+    failure and no attempt of it may have had an effect: a lost answer, a
+    time limit or a lost worker in *any* attempt, an attempt still in
+    flight, or a step the sweeper gave up on at the deadline may have had
+    one, and compensations cope with finding nothing.
+
+    Compensating gets a deadline of its own (the type's
+    ``compensation_deadline_s``), from the database's clock.
     """
     with transaction.atomic():
         claim = Saga.objects.filter(pk=saga_id, status__in=(Status.PENDING, Status.RUNNING))
         if step is not None:
             claim = claim.filter(steps_done__lte=step)  # a stale copy's report claims nothing
-        claimed = claim.update(status=Status.COMPENSATING, round=1, updated_at=timezone.now())
-        if not claimed:
+        saga = _locked(claim, skip=skip_locked).first()
+        if saga is None:
             logger.info(
                 "saga %s: already claimed or past step %s; report of %s ignored",
                 saga_id,
@@ -172,7 +245,6 @@ def saga_begin_compensation(
                 failed_task_id,
             )
             return False
-        saga = Saga.objects.get(pk=saga_id)
         definition = registry.get(saga.saga_type)
         undo = saga.steps_done
         detail = f"step {_step_name(definition, undo)} failed"
@@ -186,13 +258,28 @@ def saga_begin_compensation(
                 undo += 1
             if failed is not None and failed.error:
                 detail = f"{detail}: {failed.error}"
-        saga.undo_cursor = undo
-        saga.failure_reason = reason or detail
-        saga.save(update_fields=["undo_cursor", "failure_reason"])
+        Saga.objects.filter(pk=saga.pk).update(
+            status=Status.COMPENSATING,
+            round=1,
+            undo_cursor=undo,
+            failure_reason=reason or detail,
+            deadline=Now() + timedelta(seconds=definition.compensation_deadline_s),
+            updated_at=Now(),
+        )
         _after_commit(
             partial(_publish_compensation, definition, saga.id, undo, 1), "publish compensation"
         )
     return True
+
+
+def _locked(queryset, *, skip: bool):
+    """``queryset`` locking its rows without ever waiting for one another session holds.
+
+    ``skip``: leave such rows out (SKIP LOCKED); otherwise fail at once with
+    a database error (NOWAIT), for a task that is retried later. SQLite has
+    no row locks: there the writes are serialised by its database lock.
+    """
+    return queryset.select_for_update(skip_locked=skip, nowait=not skip)
 
 
 def _retry_after_hard_limit(
@@ -213,7 +300,7 @@ def _retry_after_hard_limit(
     for any final failure.
     """
     with transaction.atomic():
-        saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
+        saga = _locked(Saga.objects.filter(pk=saga_id), skip=False).first()
         if saga is None:
             return False
         if SagaLog.objects.filter(
@@ -269,7 +356,7 @@ def _retry_after_hard_limit(
         )
         if not again:
             return False
-        Saga.objects.filter(pk=saga.pk).update(updated_at=timezone.now())
+        Saga.objects.filter(pk=saga.pk).update(updated_at=Now())
         if phase == SagaLog.Phase.ACTION:
             signature = canvas.action_chain(definition, str(saga.id), start=index)
         else:
@@ -282,61 +369,157 @@ def _retry_after_hard_limit(
     return True
 
 
-def sagas_recover_stalled(*, limit: int = 200) -> dict[str, int]:
+def sagas_recover_stalled(*, limit: int = 1000, budget_s: float | None = None) -> dict[str, int]:
     """Move on every saga that stopped making progress; nothing waits forever.
 
     - RUNNING past its deadline: compensated (the step in flight included,
       since it may have had an effect).
-    - RUNNING with no progress for longer than its current step's whole retry
-      budget: the rest of the chain is published again. The barrier makes that
-      safe even if the original messages were only slow.
-    - COMPENSATING with no progress for longer than the compensation's budget:
-      the remaining compensations are published again.
+    - COMPENSATING past its own deadline: FAILED, for an operator.
+    - RUNNING or COMPENSATING with no progress for ``SAGA_LOST_AFTER_S``
+      and no message of it left in the broker (queued, or held by a live
+      worker: see ``sagas.broker``): its messages were lost (a flushed
+      broker), so the rest of its chain is published again. A saga whose
+      step is only queued behind a backlog is left alone. Where the broker
+      cannot be inspected, a saga is taken for lost once it was quiet for
+      its current step's whole retry budget; the barrier makes a publish of
+      a chain that was merely slow harmless anyway.
 
-    Each saga is taken by one conditional UPDATE of ``updated_at``, so two
-    beats running this at once never both act on it.
+    Rows are claimed in batches by one locking read that skips rows other
+    sessions hold (a frozen worker's saga is left for a later run, never
+    waited for) and one UPDATE of ``updated_at``, so two beats running this
+    at once never both act on a saga. It works through batches of ``limit``
+    until nothing is left or ``budget_s`` (``SAGA_SWEEP_BUDGET_S``) is spent.
+    Times come from the database's clock.
     """
-    now = timezone.now()
-    counts = {"deadline_compensated": 0, "resumed": 0, "compensation_requeued": 0}
+    budget = settings.SAGA_SWEEP_BUDGET_S if budget_s is None else budget_s
+    give_up_at = time.monotonic() + budget
+    counts = {
+        "deadline_compensated": 0,
+        "compensation_deadline_failed": 0,
+        "resumed": 0,
+        "compensation_requeued": 0,
+    }
+    known = registry.names()
+    broker.restore_expired_leases()
 
-    overdue = Saga.objects.filter(status=Status.RUNNING, deadline__lt=now).values_list(
-        "id", "current_step"
-    )[:limit]
-    for saga_id, step in overdue:
+    overdue = Saga.objects.filter(status=Status.RUNNING, deadline__lt=Now(), saga_type__in=known)
+    for saga_id, step in overdue.values_list("id", "current_step")[:limit]:
         reason = f"deadline passed with no end in sight (last step: {step or '-'})"
-        if saga_begin_compensation(saga_id=saga_id, failed_task_id="sweeper", reason=reason):
+        if saga_begin_compensation(
+            saga_id=saga_id, failed_task_id="sweeper", reason=reason, skip_locked=True
+        ):
             counts["deadline_compensated"] += 1
 
-    quiet_since = now - timedelta(seconds=settings.SAGA_STALL_GRACE_S)
+    overdue = Saga.objects.filter(
+        status=Status.COMPENSATING, deadline__lt=Now(), saga_type__in=known
+    )
+    for saga_id in overdue.values_list("id", flat=True)[:limit]:
+        if _fail_overdue_compensation(saga_id):
+            counts["compensation_deadline_failed"] += 1
+
+    quiet = Now() - timedelta(seconds=settings.SAGA_LOST_AFTER_S)
     stalled = Saga.objects.filter(
-        status__in=(Status.RUNNING, Status.COMPENSATING), updated_at__lt=quiet_since
-    ).order_by("updated_at")[:limit]
-    for saga in stalled:
-        definition = registry.get(saga.saga_type)
-        if saga.status == Status.RUNNING:
-            if saga.steps_done >= len(definition.steps):
+        status__in=(Status.RUNNING, Status.COMPENSATING), updated_at__lt=quiet, saga_type__in=known
+    )
+    seen: set = set()
+    while time.monotonic() < give_up_at:
+        batch = list(
+            stalled.exclude(pk__in=seen)
+            .annotate(now=Now())
+            .order_by("updated_at")
+            .values("id", "saga_type", "status", "steps_done", "undo_cursor", "updated_at", "now")[
+                :limit
+            ]
+        )
+        if not batch:
+            break
+        seen.update(row["id"] for row in batch)
+        lost = _lost(batch)
+        for saga in _claim_stalled(stalled, lost):
+            definition = registry.get(saga["saga_type"])
+            if saga["status"] == Status.RUNNING:
+                if saga["steps_done"] >= len(definition.steps):
+                    continue
+                logger.warning("saga %s stalled: publishing the rest again", saga["id"])
+                start = saga["steps_done"]
+                canvas.action_chain(definition, str(saga["id"]), start=start).apply_async()
+                counts["resumed"] += 1
+            else:
+                logger.warning(
+                    "saga %s stalled compensating: publishing the rest again", saga["id"]
+                )
+                _publish_compensation(definition, saga["id"], saga["undo_cursor"], saga["round"])
+                counts["compensation_requeued"] += 1
+        if len(batch) < limit:
+            break
+    return counts
+
+
+def _lost(batch: list[dict]) -> list:
+    """The ids of the sagas in ``batch`` whose messages are gone.
+
+    No message of the saga in the broker means lost; where the broker cannot
+    be read, a saga quiet for its step's whole retry budget is.
+    """
+    present = broker.sagas_with_messages({str(row["id"]) for row in batch})
+    lost = []
+    for row in batch:
+        if present is not None:
+            if str(row["id"]) not in present:
+                lost.append(row["id"])
+            continue
+        definition = registry.get(row["saga_type"])
+        if row["status"] == Status.RUNNING:
+            if row["steps_done"] >= len(definition.steps):
                 continue
-            step, phase = definition.steps[saga.steps_done], SagaLog.Phase.ACTION
+            step, phase = definition.steps[row["steps_done"]], SagaLog.Phase.ACTION
         else:
-            due = definition.next_to_undo(saga.undo_cursor)
+            due = definition.next_to_undo(row["undo_cursor"])
             step = definition.steps[due] if due is not None else definition.steps[0]
             phase = SagaLog.Phase.COMPENSATION
-        if saga.updated_at > now - timedelta(seconds=step.stall_after_s(phase)):
-            continue
-        claimed = Saga.objects.filter(
-            pk=saga.pk, status=saga.status, updated_at=saga.updated_at
-        ).update(updated_at=now)
-        if not claimed:
-            continue
-        if saga.status == Status.RUNNING:
-            logger.warning("saga %s stalled at %s: publishing the rest again", saga.id, step.name)
-            canvas.action_chain(definition, str(saga.id), start=saga.steps_done).apply_async()
-            counts["resumed"] += 1
-        else:
-            logger.warning("saga %s stalled compensating: publishing the rest again", saga.id)
-            _publish_compensation(definition, saga.id, saga.undo_cursor, saga.round)
-            counts["compensation_requeued"] += 1
-    return counts
+        if row["updated_at"] <= row["now"] - timedelta(seconds=step.stall_after_s(phase)):
+            lost.append(row["id"])
+    return lost
+
+
+def _claim_stalled(stalled, ids: list) -> list[dict]:
+    """Lock the still-stalled sagas among ``ids`` (skipping locked rows) and stamp them."""
+    if not ids:
+        return []
+    with transaction.atomic():
+        claimed = list(
+            _locked(stalled.filter(pk__in=ids), skip=True).values(
+                "id", "saga_type", "status", "steps_done", "undo_cursor", "round"
+            )
+        )
+        Saga.objects.filter(pk__in=[saga["id"] for saga in claimed]).update(updated_at=Now())
+    return claimed
+
+
+def _fail_overdue_compensation(saga_id) -> bool:
+    """COMPENSATING past its own deadline -> FAILED with the reason; an operator must act."""
+    with transaction.atomic():
+        saga = (
+            _locked(Saga.objects.filter(pk=saga_id, status=Status.COMPENSATING), skip=True)
+            .filter(deadline__lt=Now())
+            .first()
+        )
+        if saga is None:
+            return False
+        definition = registry.get(saga.saga_type)
+        due = definition.next_to_undo(saga.undo_cursor)
+        name = definition.steps[due].undo_name if due is not None else "the finish"
+        _finish(saga, Status.FAILED)
+        saga.failure_reason = (
+            f"compensation did not end within {definition.compensation_deadline_s}s "
+            f"(still to do: {name}); {saga.failure_reason}"
+        ).strip("; ")
+        saga.save(
+            update_fields=["status", "failure_reason", "finished_at", "duration_ms", "updated_at"]
+        )
+        _mark_failed(saga, definition)
+    logger.error("saga %s: compensation passed its deadline; FAILED", saga_id)
+    return True
 
 
 def saga_finish_compensation(*, saga_id) -> bool:
@@ -359,25 +542,37 @@ def saga_finish_compensation(*, saga_id) -> bool:
             logger.warning("saga %s: an external call may still land; finishing later", saga_id)
             return False
         if done:
-            _finish(saga, Status.COMPENSATED)
-            saga.current_step = ""
-            hook = registry.get(saga.saga_type).on_compensated
-            if hook and (refusal := _run_hook(hook, saga)):
-                # Everything is undone, but the domain disagrees about where it
-                # stands: an operator must look, and the saga says why.
-                saga.status = Status.FAILED
-                saga.failure_reason = f"compensated, but {refusal}"
-            saga.save(
-                update_fields=[
-                    "status",
-                    "current_step",
-                    "failure_reason",
-                    "finished_at",
-                    "duration_ms",
-                    "updated_at",
-                ]
-            )
+            _end_compensated(saga, registry.get(saga.saga_type))
     return bool(done)
+
+
+def _end_compensated(saga: Saga, definition: SagaDefinition) -> None:
+    """COMPENSATED, then the type's ``on_compensated``; FAILED with the reason if it refuses."""
+    _finish(saga, Status.COMPENSATED)
+    saga.current_step = ""
+    hook = definition.on_compensated
+    if hook and (refusal := _run_hook(hook, saga)):
+        # Everything is undone, but the domain disagrees about where it
+        # stands: an operator must look, and the saga says why.
+        saga.status = Status.FAILED
+        saga.failure_reason = f"compensated, but {refusal}"
+    saga.save(
+        update_fields=[
+            "status",
+            "current_step",
+            "failure_reason",
+            "finished_at",
+            "duration_ms",
+            "updated_at",
+        ]
+    )
+
+
+def _mark_failed(saga: Saga, definition: SagaDefinition) -> None:
+    """The type's ``on_failed`` for a saga that just became FAILED; a refusal joins the reason."""
+    if definition.on_failed and (refusal := _run_hook(definition.on_failed, saga)):
+        saga.failure_reason = f"{saga.failure_reason}; {refusal}"
+        saga.save(update_fields=["failure_reason"])
 
 
 def _calls_in_flight(saga: Saga) -> bool:
@@ -431,7 +626,7 @@ def saga_fail_compensation(
     retried first while its budget lasts.
     """
     with transaction.atomic():
-        saga = Saga.objects.select_for_update().filter(pk=saga_id).first()
+        saga = _locked(Saga.objects.filter(pk=saga_id), skip=False).first()
         if saga is None or saga.status != Status.COMPENSATING or saga.round != round:
             logger.info("saga %s: report of round %s ignored", saga_id, round)
             return False
@@ -466,9 +661,7 @@ def saga_fail_compensation(
         saga.save(
             update_fields=["status", "failure_reason", "finished_at", "duration_ms", "updated_at"]
         )
-        if definition.on_failed and (refusal := _run_hook(definition.on_failed, saga)):
-            saga.failure_reason = f"{saga.failure_reason}; {refusal}"
-            saga.save(update_fields=["failure_reason"])
+        _mark_failed(saga, definition)
     return True
 
 
@@ -481,12 +674,25 @@ def saga_retry_compensation(*, saga_id, operator: str) -> Saga:
         saga.round += 1
         saga.finished_at = None
         saga.duration_ms = None
+        # A new round, a new bound: the compensation deadline runs from now.
+        saga.deadline = Now() + timedelta(seconds=definition.compensation_deadline_s)
+        saga.updated_at = Now()
         # An injected fault belongs to the run that failed; the operator's
         # retry runs without it, as it would after fixing a real cause.
         saga.context.pop("chaos", None)
         saga.save(
-            update_fields=["status", "round", "finished_at", "duration_ms", "context", "updated_at"]
+            update_fields=[
+                "status",
+                "round",
+                "finished_at",
+                "duration_ms",
+                "deadline",
+                "context",
+                "updated_at",
+            ]
         )
+        # The database computed these from its clock: read them back for the caller.
+        saga.refresh_from_db(fields=["deadline", "updated_at"])
         saga_log_note(saga=saga, text=f"compensation retried by {operator} (round {saga.round})")
         _after_commit(
             partial(_publish_compensation, definition, saga.id, saga.undo_cursor, saga.round),
@@ -505,7 +711,9 @@ def saga_mark_resolved(*, saga_id, operator: str, reason: str) -> Saga:
         saga.resolved_at = timezone.now()
         saga.resolved_by = operator
         saga.resolution = reason
+        saga.updated_at = Now()
         saga.save(update_fields=["resolved_at", "resolved_by", "resolution", "updated_at"])
+        saga.refresh_from_db(fields=["updated_at"])
         saga_log_note(saga=saga, text=f"marked resolved by {operator}: {reason}")
     return saga
 
@@ -527,6 +735,7 @@ def _finish(saga: Saga, status: str) -> None:
     saga.status = status
     saga.finished_at = now
     saga.duration_ms = elapsed_ms(saga.started_at or saga.created_at, now)
+    saga.updated_at = Now()
 
 
 def saga_log_note(*, saga: Saga, text: str) -> SagaLog:

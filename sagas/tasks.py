@@ -19,14 +19,27 @@ from typing import Any
 from celery import shared_task
 from celery.exceptions import TimeLimitExceeded
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 
 from sagas import services
 from sagas.canvas import COMPENSATION_FAILED, FINISH_COMPENSATION, STEP_FAILED
-from sagas.definitions import MAINTENANCE_QUEUE, SagaDefinition, Step, registry
+from sagas.definitions import SagaDefinition, Step, registry
 from sagas.runtime import run_action, run_compensation
 
+# Saga-level tasks (errbacks, finishing, recovery) retry database errors (a
+# restart, a dropped session, a locked row they will not wait for) with
+# backoff: losing one would leave its saga to the sweeper.
+SAGA_TASK_OPTIONS = {
+    "acks_late": True,
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": 20,
+}
 
-@shared_task(bind=True, name=STEP_FAILED, acks_late=True)
+
+@shared_task(bind=True, name=STEP_FAILED, **SAGA_TASK_OPTIONS)
 def step_failed(
     self, failed_task_id: str = "", *, saga_id: str, step: int | None = None, **_ignored: Any
 ) -> bool:
@@ -38,7 +51,7 @@ def step_failed(
     )
 
 
-@shared_task(bind=True, name=COMPENSATION_FAILED, acks_late=True)
+@shared_task(bind=True, name=COMPENSATION_FAILED, **SAGA_TASK_OPTIONS)
 def compensation_failed(
     self,
     failed_task_id: str = "",
@@ -57,7 +70,7 @@ def compensation_failed(
     )
 
 
-@shared_task(name=FINISH_COMPENSATION, acks_late=True)
+@shared_task(name=FINISH_COMPENSATION, **SAGA_TASK_OPTIONS)
 def finish_compensation(*, saga_id: str, **_ignored: Any) -> bool:
     # Its ``round`` argument is for the record: finishing needs nothing left to undo.
     return services.saga_finish_compensation(saga_id=saga_id)
@@ -78,12 +91,12 @@ def _hit_hard_time_limit(app, failed_task_id: str) -> bool:
         return False
 
 
-@shared_task(name="sagas.reconcile_pending", acks_late=True, queue=MAINTENANCE_QUEUE)
+@shared_task(name="sagas.reconcile_pending", **SAGA_TASK_OPTIONS)
 def reconcile_pending(**_ignored: Any) -> int:
     return services.sagas_reconcile_pending()
 
 
-@shared_task(name="sagas.recover_stalled", acks_late=True, queue=MAINTENANCE_QUEUE)
+@shared_task(name="sagas.recover_stalled", **SAGA_TASK_OPTIONS)
 def recover_stalled(**_ignored: Any) -> dict[str, int]:
     return services.sagas_recover_stalled()
 

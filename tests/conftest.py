@@ -132,3 +132,21 @@ def client_for():
         return client
 
     return make
+
+
+@pytest.fixture
+def scratch_registry():
+    """Declarations made by a test leave the global registry as it was."""
+    from celery import current_app
+
+    from sagas import tasks
+    from sagas.definitions import registry
+
+    saved = dict(registry._definitions)
+    made = set(tasks._registered)
+    yield registry
+    registry._definitions.clear()
+    registry._definitions.update(saved)
+    for name in tasks._registered - made:
+        current_app.tasks.pop(name, None)
+    tasks._registered.intersection_update(made)

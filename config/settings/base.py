@@ -63,7 +63,7 @@ def postgres_session_options() -> dict:
     timeouts = {
         "lock_timeout": env_int("DB_LOCK_TIMEOUT_MS", 5_000),
         "statement_timeout": env_int("DB_STATEMENT_TIMEOUT_MS", 60_000),
-        "idle_in_transaction_session_timeout": env_int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 30_000),
+        "idle_in_transaction_session_timeout": env_int("DB_IDLE_IN_TRANSACTION_TIMEOUT_MS", 20_000),
     }
     keepalives = {
         "keepalives_idle": env_int("DB_KEEPALIVES_IDLE_S", 10, minimum=1),
@@ -190,7 +190,11 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 # Never let Celery fall back to its built-in default (amqp on localhost):
 # an unset broker is a configuration error, reported by the sagas system check.
 CELERY_BROKER_URL = REDIS_URL
-CELERY_RESULT_BACKEND = "django-db"
+# django-celery-results' backend, retrying (with backoff) a store or read whose
+# database connection broke: a worker's main process stores hard time limits.
+CELERY_RESULT_BACKEND = "sagas.results:ResilientDatabaseBackend"
+CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
+CELERY_RESULT_BACKEND_MAX_RETRIES = 10
 CELERY_RESULT_EXTENDED = True
 # Saga steps store no result on success (SagaLog has it) but always on failure,
 # so the admin can link a failed attempt to its stored traceback.
@@ -209,15 +213,17 @@ CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 20, minimum
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 30, minimum=2)
 # The longest countdown a retry may ask for (sagas.definitions.RetryPolicy caps at it).
 SAGA_MAX_RETRY_DELAY_S = env_int("SAGA_MAX_RETRY_DELAY_S", 30, minimum=1)
-# Redis redelivers an unacknowledged message after the visibility timeout: it
-# must exceed the longest task plus the longest countdown, or a healthy task
-# runs twice. Raise it with either of those.
+# Redis redelivers a message left unacknowledged for the visibility timeout.
+# Live workers renew their lease on every message they hold this often
+# (sagas.leases), so the visibility timeout only has to outlast a few missed
+# renewals: a worker that died or froze has its messages handed out again
+# within about CELERY_VISIBILITY_TIMEOUT + the restore interval.
+SAGA_LEASE_RENEW_S = env_int("SAGA_LEASE_RENEW_S", 2, minimum=1)
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": env_int(
-        "CELERY_VISIBILITY_TIMEOUT",
-        2 * (CELERY_TASK_TIME_LIMIT + SAGA_MAX_RETRY_DELAY_S),
-        minimum=1,
-    ),
+    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 10, minimum=1),
+    # Look for lapsed leases every second (kombu's default: every 100 s).
+    "unacked_restore_interval": 1,
+    "unacked_restore_throttle": 1,
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A request must not hang on a broker outage: publishing gives up quickly and
@@ -235,6 +241,11 @@ CELERY_TASK_SEND_SENT_EVENT = False
 # backlog of errbacks on "sagas" must not make them expire unrun exactly when
 # they are needed. Every worker deployment consumes it (config/Procfile).
 MAINTENANCE_QUEUE = "maintenance"
+CELERY_TASK_ROUTES = {
+    "sagas.reconcile_pending": {"queue": MAINTENANCE_QUEUE},
+    "sagas.recover_stalled": {"queue": MAINTENANCE_QUEUE},
+    "*.purge_*": {"queue": MAINTENANCE_QUEUE},
+}
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_BEAT_SCHEDULE = {
     "sagas-reconcile-pending": {
@@ -244,7 +255,7 @@ CELERY_BEAT_SCHEDULE = {
     },
     "sagas-recover-stalled": {
         "task": "sagas.recover_stalled",
-        "schedule": float(env_int("SAGA_SWEEP_INTERVAL_S", 15, minimum=1)),
+        "schedule": float(env_int("SAGA_SWEEP_INTERVAL_S", 5, minimum=1)),
         "options": {"queue": MAINTENANCE_QUEUE, "expires": 60},
     },
 }
@@ -255,8 +266,23 @@ SAGA_DISPATCH_GRACE_S = env_int("SAGA_DISPATCH_GRACE_S", 5, minimum=1)
 SAGA_CHAOS_ENABLED = env_bool("SAGA_CHAOS_ENABLED", False)
 SAGA_STORE_STEP_RESULTS = env_bool("SAGA_STORE_STEP_RESULTS", False)
 # Added to a step's worst case (every attempt at its hard limit plus every
-# backoff) before the sweeper calls it stalled.
+# backoff) before the sweeper calls it stalled where the broker cannot be
+# read (not Redis), and to the default saga and compensation deadlines.
 SAGA_STALL_GRACE_S = env_int("SAGA_STALL_GRACE_S", 10, minimum=1)
+# A saga quiet this long with no message of it in the broker lost its
+# messages: the sweeper publishes the rest of its chain (sagas.broker).
+SAGA_LOST_AFTER_S = env_int("SAGA_LOST_AFTER_S", 10, minimum=1)
+# One sweep works through stalled sagas in batches for at most this long.
+SAGA_SWEEP_BUDGET_S = env_int("SAGA_SWEEP_BUDGET_S", 20, minimum=1)
+# A step or compensation whose message came back this many times after its
+# worker was lost (crashed, killed, frozen) fails for good: a message that
+# kills every worker it reaches cannot keep its saga from ending.
+SAGA_MAX_LOST_DELIVERIES = env_int("SAGA_MAX_LOST_DELIVERIES", 3, minimum=1)
+# The database unreachable or a bounded wait run out (a lock held by a frozen
+# session): a step is tried again this many times, backing off to
+# SAGA_OUTAGE_MAX_DELAY_S, before it counts against its own retry policy.
+SAGA_OUTAGE_RETRIES = env_int("SAGA_OUTAGE_RETRIES", 20)
+SAGA_OUTAGE_MAX_DELAY_S = env_int("SAGA_OUTAGE_MAX_DELAY_S", 10, minimum=1)
 
 # --- Payments ---------------------------------------------------------------
 PAYMENTS_GATEWAY = os.environ.get("PAYMENTS_GATEWAY", "payments.gateways.fake.FakeGateway")

@@ -57,9 +57,10 @@ def test_a_step_killed_mid_way_runs_again_and_has_one_effect(lone_worker, custom
 
     assert saga.status == Saga.Status.COMPLETED
     hotel = SagaLog.objects.filter(saga=saga, step="reserve_hotel", phase="action")
-    # The killed attempt committed nothing and logged nothing; the redelivered one ran after it.
-    assert [(row.status, row.attempt) for row in hotel] == [("succeeded", 1)]
-    assert hotel.get().started_at > killed_at
+    # The killed attempt committed nothing; the redelivered one recorded that
+    # its worker was lost (counted against SAGA_MAX_LOST_DELIVERIES), then ran.
+    assert [(row.status, row.attempt) for row in hotel] == [("lost", 1), ("succeeded", 1)]
+    assert hotel.get(status="succeeded").started_at > killed_at
     assert (
         list(SagaLog.objects.filter(saga=saga, status="succeeded").values_list("step", flat=True))
         == TRIP_STEPS

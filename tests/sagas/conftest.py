@@ -6,11 +6,9 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from celery import current_app
 
 from bookings.models import Booking
 from bookings.services import LineRequest, PaymentRequest, booking_create
-from sagas import tasks
 from sagas.definitions import SagaDefinition, registry
 from sagas.models import Saga
 
@@ -41,16 +39,3 @@ def make_booking(customer, trip_items):
         return booking, Saga.objects.get(pk=booking.saga_id)
 
     return make
-
-
-@pytest.fixture
-def scratch_registry():
-    """Declarations made by a test leave the global registry as it was."""
-    saved = dict(registry._definitions)
-    made = set(tasks._registered)
-    yield registry
-    registry._definitions.clear()
-    registry._definitions.update(saved)
-    for name in tasks._registered - made:
-        current_app.tasks.pop(name, None)
-    tasks._registered.intersection_update(made)

@@ -467,7 +467,6 @@ def declare_probe_saga() -> SagaDefinition:
             ),
             Step("finish", finish, queue=PROBE_QUEUE),
         ],
-        deadline_s=120,
     )
     tasks.register_step_tasks()
     return definition

@@ -11,14 +11,18 @@ Plain ``django_db``: no transaction commits, so nothing is ever published.
 from __future__ import annotations
 
 from functools import partial
+from unittest import mock
 
 import pytest
 from celery.exceptions import Ignore, Retry
+from django.db import OperationalError, connection
+from django.test.utils import CaptureQueriesContext
 
 from bookings.models import Booking
 from inventory.models import Hold, Item
-from sagas.errors import ChaosFailure, ChaosTransientError
+from sagas.errors import ChaosFailure, ChaosTransientError, PoisonMessage
 from sagas.models import Saga, SagaLog
+from sagas.runtime import _Attempt
 from sagas.services import saga_begin_compensation
 from tests.sagas.support import StandInTask, act, undo
 
@@ -304,3 +308,112 @@ def test_a_permanent_failure_logs_failed_and_is_raised_without_a_retry(trip, boo
         1,
     )
     assert row.error == "sagas.errors.ChaosFailure: chaos: reserve_car fails"
+
+
+# --- the database going away, a worker lost again and again -------------------------
+
+
+class OutageTask(StandInTask):
+    """A stand-in whose message carries the outage retries already spent, maybe redelivered."""
+
+    def __init__(self, *, retries: int = 0, outages: int = 0, redelivered: bool = False) -> None:
+        super().__init__(retries=retries)
+        self.request.kwargs = {"saga_id": "x", "outages": outages} if outages else {}
+        self.request.delivery_info = {"redelivered": redelivered}
+
+
+def test_a_step_that_cannot_reach_the_database_is_retried_outside_its_budget(trip, book):
+    _booking, saga = book()
+    task = OutageTask(retries=3)  # the step's own budget (3 retries) is already spent
+    lost = OperationalError("terminating connection due to administrator command")
+
+    with mock.patch("sagas.runtime._lock", side_effect=lost), pytest.raises(Retry):
+        act(trip, saga, "reserve_flight", task)
+
+    [call] = task.retry_calls
+    assert call["kwargs"]["outages"] == 1
+    assert call["max_retries"] == 4  # one more than the retries so far: always allowed
+    assert 0 < call["countdown"] <= 1.0
+    assert call["exc"] is lost
+    # Nothing of the failed attempt is recorded: its transaction rolled back.
+    assert log_rows(saga) == []
+
+
+def test_outage_retries_are_bounded_then_the_step_policy_decides(trip, book, settings):
+    _booking, saga = book()
+    task = OutageTask(retries=5, outages=settings.SAGA_OUTAGE_RETRIES)
+    lost = OperationalError("the connection is lost")
+
+    with mock.patch("sagas.runtime._lock", side_effect=lost), pytest.raises(Retry):
+        act(trip, saga, "reserve_flight", task)
+
+    # 5 retries, all but... none of them the step's: its policy retries once more.
+    [call] = task.retry_calls
+    assert "kwargs" not in call
+    assert call["max_retries"] == 3 + settings.SAGA_OUTAGE_RETRIES
+    assert log_rows(saga) == [("reserve_flight", ACTION, LogStatus.RETRYING, 6)]
+
+
+def test_a_retry_whose_log_row_cannot_be_written_is_still_a_retry(trip, book):
+    _booking, saga = book(chaos={"transient": {"reserve_flight": 1}})
+    task = StandInTask()
+    real_log = _Attempt.log
+
+    def failing_log(self, status, **kwargs):
+        if status == LogStatus.RETRYING:
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_log(self, status, **kwargs)
+
+    with mock.patch.object(_Attempt, "log", failing_log), pytest.raises(Retry):
+        act(trip, saga, "reserve_flight", task)
+
+    assert len(task.retry_calls) == 1
+    assert isinstance(task.retry_calls[0]["exc"], ChaosTransientError)
+    saga.refresh_from_db()
+    assert (saga.status, saga.steps_done) == (Status.PENDING, 0)
+
+
+def test_a_duplicate_whose_log_row_cannot_be_written_still_lets_the_chain_go_on(trip, book):
+    _booking, saga = book()
+    act(trip, saga, "reserve_flight")
+
+    with mock.patch.object(_Attempt, "log", side_effect=OperationalError("the connection is lost")):
+        reply = act(trip, saga, "reserve_flight")
+
+    assert reply["outcome"] == LogStatus.DUPLICATE
+
+
+def test_deliveries_lost_with_their_worker_are_counted_and_bounded(trip, book, settings):
+    settings.SAGA_MAX_LOST_DELIVERIES = 2
+    _booking, saga = book()
+
+    for _ in range(2):  # came back twice after a crash, then crashed again: nothing committed
+        with (
+            mock.patch("sagas.runtime._lock", side_effect=SystemExit("worker died")),
+            pytest.raises(SystemExit),
+        ):
+            act(trip, saga, "reserve_flight", OutageTask(redelivered=True))
+    with pytest.raises(PoisonMessage, match="lost its worker 3 times"):
+        act(trip, saga, "reserve_flight", OutageTask(redelivered=True))
+
+    assert log_rows(saga) == [
+        ("reserve_flight", ACTION, LogStatus.LOST, 1),
+        ("reserve_flight", ACTION, LogStatus.LOST, 1),
+        ("reserve_flight", ACTION, LogStatus.LOST, 1),
+        ("reserve_flight", ACTION, LogStatus.TIMED_OUT, 1),
+    ]
+    # Every one of them may have had its effect: the errback undoes the step too.
+    assert set(SagaLog.objects.filter(saga=saga).values_list("may_have_effect", flat=True)) == {
+        True
+    }
+    saga.refresh_from_db()
+    assert saga.steps_done == 0
+
+
+def test_a_first_delivery_records_nothing_extra(trip, book):
+    _booking, saga = book()
+    with CaptureQueriesContext(connection) as queries:
+        act(trip, saga, "reserve_flight", OutageTask())
+    # No count of earlier lost deliveries, no extra row: that is for redeliveries only.
+    assert not [q for q in queries if "COUNT(" in q["sql"].upper()]
+    assert log_rows(saga) == [("reserve_flight", ACTION, LogStatus.SUCCEEDED, 1)]

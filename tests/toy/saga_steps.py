@@ -39,6 +39,5 @@ toy_saga = SagaDefinition(
         Step("charge", charge, refund, queue=TOY_QUEUE, retry=RetryPolicy(max_retries=2)),
         Step("notify", notify, queue=TOY_QUEUE),
     ],
-    deadline_s=120,
     harness="tests.toy.harness.ToyHarness",
 )
