@@ -437,6 +437,19 @@ class SagaAdmin(admin.ModelAdmin):
     list_per_page = 50
     actions = [retry_compensation, mark_resolved]
     inlines = [SagaLogInline]
+
+    def changelist_view(self, request, extra_context=None):
+        unknown = services.sagas_of_unknown_type()
+        if unknown:
+            listed = ", ".join(f"{name} ({n})" for name, n in sorted(unknown.items()))
+            self.message_user(
+                request,
+                f"Sagas of a type this deployment does not declare are waiting, and recovery "
+                f"skips them: {listed}. Deploy the code that declares them, or end them.",
+                messages.WARNING,
+            )
+        return super().changelist_view(request, extra_context)
+
     fieldsets = [
         (
             None,

@@ -309,7 +309,17 @@ class SagaCollector(Collector):
             duration.add_metric(
                 [saga_type], histogram.samples(SAGA_BUCKETS_S), histogram.sum_ms / 1000
             )
-        return [started, *finished.values(), in_progress, duration]
+        unknown = GaugeMetricFamily(
+            "backtrack_sagas_unknown_type",
+            "Sagas in flight whose type no deployed saga_steps module declares: recovery "
+            "skips them until one does.",
+            labels=["saga_type"],
+        )
+        for saga_type in sorted(by_status.keys() - known_types):
+            waiting = sum(by_status[saga_type].get(status, 0) for status in IN_PROGRESS)
+            if waiting:
+                unknown.add_metric([saga_type], waiting)
+        return [started, *finished.values(), in_progress, duration, unknown]
 
     def _step_family(self, known_types: set[str]) -> Metric:
         lag = timedelta(seconds=getattr(settings, "METRICS_STEP_LAG_S", 60))

@@ -151,24 +151,30 @@ def sagas_reconcile_pending(*, limit: int = 500) -> int:
 
 
 def report_unknown_types() -> dict[str, int]:
-    """Sagas in flight whose type no saga_steps module of this process declares, by type.
-
-    They are skipped by recovery (logged here at every run) until code that
-    declares their type is deployed, or an operator ends them.
-    """
-    unknown = dict(
-        Saga.objects.filter(status__in=(Status.PENDING, Status.RUNNING, Status.COMPENSATING))
-        .exclude(saga_type__in=registry.names())
-        .values_list("saga_type")
-        .annotate(n=Count("id"))
-        .values_list("saga_type", "n")
-    )
+    """Log the sagas in flight whose type this process does not know (see below); return them."""
+    unknown = sagas_of_unknown_type()
     if unknown:
         logger.error(
             "sagas of unknown type wait, skipped by recovery (deploy the code declaring them): %s",
             ", ".join(f"{name} ({n})" for name, n in sorted(unknown.items())),
         )
     return unknown
+
+
+def sagas_of_unknown_type() -> dict[str, int]:
+    """Sagas in flight whose type no saga_steps module of this process declares, by type.
+
+    Recovery skips them (so they never block the others) until code that
+    declares their type is deployed, or an operator ends them. The
+    reconciler logs them at every run; ``/metrics`` and the admin show them.
+    """
+    return dict(
+        Saga.objects.filter(status__in=(Status.PENDING, Status.RUNNING, Status.COMPENSATING))
+        .exclude(saga_type__in=registry.names())
+        .values_list("saga_type")
+        .annotate(n=Count("id"))
+        .values_list("saga_type", "n")
+    )
 
 
 def _end_unstarted(saga_id) -> bool:

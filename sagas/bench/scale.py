@@ -38,6 +38,7 @@ from django.test import Client
 from django.utils import timezone
 
 from sagas.bench import report as reporting
+from sagas.bench.recovery import run_recovery
 from sagas.bench.workers import BenchError, broker_url
 from sagas.definitions import SagaDefinition, registry
 from sagas.errors import UnknownSagaType
@@ -393,10 +394,13 @@ def _insert_python(n: int, config: SeedConfig, owner_id: int, definition: SagaDe
 class ScaleConfig:
     runs: int = 5
     timeout: float = 300.0
+    stalled: int = 10_000
 
     def __post_init__(self) -> None:
         if not 1 <= self.runs <= 100:
             raise ValueError("--runs must be between 1 and 100")
+        if not 0 <= self.stalled <= 1_000_000:
+            raise ValueError("--stalled must be between 0 (skip) and 1000000")
         if self.timeout <= 0:
             raise ValueError("--timeout must be a positive number of seconds")
 
@@ -522,6 +526,15 @@ def run_scale(config: ScaleConfig, echo: Echo) -> dict[str, Any]:
         for name, page in pages.items()
         if page["target_ms"] is not None
     }
+    if config.stalled:
+        recovery = run_recovery(stalled=config.stalled, timeout=config.timeout, echo=echo)
+        report["recovery"] = recovery
+        report["targets"]["stalled sagas moved on"] = {
+            "what": f"{config.stalled:,} stalled sagas moved on by the sweeper, seconds",
+            "target": f"<= {recovery['target_s']:.0f}",
+            "value": recovery["seconds"],
+            "pass": recovery["pass"],
+        }
     report["machine"]["load_average_at_end"] = reporting.load_average()
     return report
 
@@ -543,6 +556,14 @@ def scale_table(report: dict[str, Any]) -> str:
             f"{name:<36}{page['median_ms']:>10.1f}{page['queries']:>9}"
             f"{page['slowest_query']['ms']:>12.1f}  {target}"
         )
+    if recovery := report.get("recovery"):
+        lines += [
+            "",
+            f"sweeper: {recovery['resumed']:,} of {recovery['stalled']:,} stalled sagas moved on "
+            f"in {recovery['seconds']} s ({recovery['sweeps']} sweeps, "
+            f"{recovery['per_second']}/s)  target <= {recovery['target_s']:.0f} s "
+            f"{'PASS' if recovery['pass'] else 'FAIL'}",
+        ]
     for name, page in report["pages"].items():
         slow = page["slowest_query"]
         lines += ["", f"--- {name}: slowest statement ({slow['ms']} ms)", slow["sql"], slow["plan"]]

@@ -78,6 +78,12 @@ class Command(BaseCommand):
             help="time the admin and API pages over the sagas in the database (seed_sagas first)",
         )
         parser.add_argument("--runs", type=int, help="--scale: timed requests per page [5]")
+        parser.add_argument(
+            "--stalled",
+            type=int,
+            help="--scale: stalled sagas (their messages lost) the sweeper must move on; "
+            "0 skips it [10000]",
+        )
 
     def handle(self, *args, **options):
         path = self._json_path(options["json"])
@@ -87,12 +93,13 @@ class Command(BaseCommand):
                 if used:
                     flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in used)
                     raise CommandError(f"--scale times pages only; it takes no {flags}")
-                config = ScaleConfig(**self._given(options, "runs", "timeout"))
+                config = ScaleConfig(**self._given(options, "runs", "timeout", "stalled"))
                 report = run_scale(config, self._echo)
                 text = scale_table(report)
             else:
-                if options["runs"] is not None:
-                    raise CommandError("--runs belongs to --scale")
+                for flag in ("runs", "stalled"):
+                    if options[flag] is not None:
+                        raise CommandError(f"--{flag} belongs to --scale")
                 config = BenchConfig(**self._given(options, *THROUGHPUT_FLAGS, "timeout"))
                 report = run_bench(config, self._echo)
                 text = table(report)
