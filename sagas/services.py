@@ -446,18 +446,18 @@ def sagas_recover_stalled(*, limit: int = 1000, budget_s: float | None = None) -
             if saga["status"] == Status.RUNNING:
                 if saga["steps_done"] >= len(definition.steps):
                     continue
-                logger.warning("saga %s stalled: publishing the rest again", saga["id"])
+                logger.info("saga %s stalled: publishing the rest again", saga["id"])
                 start = saga["steps_done"]
                 canvas.action_chain(definition, str(saga["id"]), start=start).apply_async()
                 counts["resumed"] += 1
             else:
-                logger.warning(
-                    "saga %s stalled compensating: publishing the rest again", saga["id"]
-                )
+                logger.info("saga %s stalled compensating: publishing the rest again", saga["id"])
                 _publish_compensation(definition, saga["id"], saga["undo_cursor"], saga["round"])
                 counts["compensation_requeued"] += 1
         if len(batch) < limit:
             break
+    if any(counts.values()):
+        logger.warning("recovery moved stalled sagas on: %s", counts)
     return counts
 
 
