@@ -1,5 +1,8 @@
 from django.conf import settings
 from django.core.checks import Error, Tags, register
+from django.core.exceptions import ImproperlyConfigured
+
+from sagas.retention import RetentionSettings, task_time_limits
 
 
 @register(Tags.compatibility)
@@ -33,5 +36,28 @@ def check_visibility_timeout(app_configs, **kwargs):
             hint="Otherwise Redis redelivers running tasks and retries: "
             "raise CELERY_VISIBILITY_TIMEOUT.",
             id="sagas.E002",
+        )
+    ]
+
+
+@register(Tags.compatibility)
+def check_retention_settings(app_configs, **kwargs):
+    """Retention reads its settings when it runs; a bad one is reported at start-up instead."""
+    try:
+        config = RetentionSettings.load()
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), hint="See README, Retention.", id="sagas.E003")]
+    # A retention run that outlives the visibility timeout is delivered again.
+    _soft, limit = task_time_limits(config.max_seconds)
+    options = getattr(settings, "CELERY_BROKER_TRANSPORT_OPTIONS", {}) or {}
+    visibility = options.get("visibility_timeout", 3600)
+    if visibility > limit:
+        return []
+    return [
+        Error(
+            f"visibility_timeout ({visibility}s) must exceed the retention tasks' "
+            f"hard time limit ({limit}s: SAGA_RETENTION_MAX_S={config.max_seconds} plus 30s).",
+            hint="Lower SAGA_RETENTION_MAX_S or raise CELERY_VISIBILITY_TIMEOUT.",
+            id="sagas.E004",
         )
     ]
