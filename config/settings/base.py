@@ -270,6 +270,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(SAGA_RETENTION_INTERVAL_S),
         "options": {"queue": MAINTENANCE_QUEUE, "expires": SAGA_RETENTION_INTERVAL_S},
     },
+    "bookings-purge-idempotency-keys": {
+        "task": "bookings.purge_idempotency_keys",
+        "schedule": float(SAGA_RETENTION_INTERVAL_S),
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": SAGA_RETENTION_INTERVAL_S},
+    },
 }
 
 # --- Sagas ------------------------------------------------------------------
@@ -298,6 +303,12 @@ except ValueError:
     raise ImproperlyConfigured(
         "PAYMENTS_FAKE_LATE_CAPTURE_S is not a number of seconds, e.g. 2.0"
     ) from None
+
+# --- Bookings ---------------------------------------------------------------
+# How long an Idempotency-Key replays its first response; beat deletes older
+# keys, after which the same key books anew. The API documents no window, so
+# a day (Stripe prunes its keys after 24 hours too).
+BOOKINGS_IDEMPOTENCY_KEY_TTL_S = env_int("BOOKINGS_IDEMPOTENCY_KEY_TTL_S", 86_400, minimum=60)
 
 # --- DRF --------------------------------------------------------------------
 REST_FRAMEWORK = {
