@@ -2,8 +2,10 @@ import math
 
 from django.conf import settings
 from django.core.checks import Error, Tags, register
+from django.core.exceptions import ImproperlyConfigured
 
 from sagas.definitions import registry
+from sagas.retention import RetentionSettings
 
 
 @register(Tags.compatibility)
@@ -109,3 +111,17 @@ def _bounded(server_options: str, name: str) -> bool:
         if part.startswith(f"{name}="):
             return part.split("=", 1)[1] not in ("0", "")
     return False
+
+
+@register(Tags.compatibility)
+def check_retention_settings(app_configs, **kwargs):
+    """Retention reads its settings when it runs; a bad one is reported at start-up instead.
+
+    A retention run may outlast the visibility timeout: the worker running it
+    renews its lease (sagas.leases), so it is not delivered twice.
+    """
+    try:
+        RetentionSettings.load()
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), hint="See README, Retention.", id="sagas.E005")]
+    return []

@@ -21,7 +21,7 @@ from celery.exceptions import TimeLimitExceeded
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from sagas import services
+from sagas import retention, services
 from sagas.canvas import COMPENSATION_FAILED, FINISH_COMPENSATION, STEP_FAILED
 from sagas.definitions import SagaDefinition, Step, registry
 from sagas.runtime import run_action, run_compensation
@@ -153,3 +153,20 @@ def _step_task(name: str, definition: SagaDefinition, index: int, step: Step, ru
         # it twice. Failures are still stored (task_store_errors_even_if_ignored).
         ignore_result=not getattr(settings, "SAGA_STORE_STEP_RESULTS", False),
     )(step_task)
+
+
+# --- retention ----------------------------------------------------------------------
+
+_RETENTION_SOFT_LIMIT_S, _RETENTION_HARD_LIMIT_S = retention.task_time_limits(
+    getattr(settings, "SAGA_RETENTION_MAX_S", 20)
+)
+
+
+@shared_task(
+    name="sagas.purge_expired",
+    acks_late=True,
+    soft_time_limit=_RETENTION_SOFT_LIMIT_S,
+    time_limit=_RETENTION_HARD_LIMIT_S,
+)
+def purge_expired(**_ignored: Any) -> dict[str, int]:
+    return retention.sagas_purge_expired()

@@ -246,7 +246,24 @@ CELERY_TASK_ROUTES = {
     "sagas.recover_stalled": {"queue": MAINTENANCE_QUEUE},
     "*.purge_*": {"queue": MAINTENANCE_QUEUE},
 }
+# Retention (README, "Retention"): beat deletes old rows in batches of
+# SAGA_RETENTION_BATCH, each its own short transaction, and a run stops after
+# SAGA_RETENTION_MAX_S (the next one continues).
+SAGA_RETENTION_INTERVAL_S = env_int("SAGA_RETENTION_INTERVAL_S", 3600, minimum=60)
+SAGA_RETENTION_BATCH = env_int("SAGA_RETENTION_BATCH", 1000, minimum=1)
+SAGA_RETENTION_MAX_S = env_int("SAGA_RETENTION_MAX_S", 20, minimum=1)
+# TaskResults: a day, Celery's default result_expires. At least an hour: an
+# errback reads its failed step's stored result, maybe behind a backlog.
+SAGA_RETENTION_TASK_RESULTS_S = env_int("SAGA_RETENTION_TASK_RESULTS_S", 86_400, minimum=3600)
+# Terminal sagas with their logs: 0 keeps them forever (the default).
+SAGA_RETENTION_SAGAS_DAYS = env_int("SAGA_RETENTION_SAGAS_DAYS", 0)
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# No result expiry: with one set (Celery's default is a day), beat schedules
+# celery.backend_cleanup, which deletes every expired TaskResult in ONE
+# statement, holding its locks and WAL for as long as that takes.
+# sagas.purge_expired deletes them in short batches instead
+# (SAGA_RETENTION_TASK_RESULTS_S).
+CELERY_RESULT_EXPIRES = None
 CELERY_BEAT_SCHEDULE = {
     "sagas-reconcile-pending": {
         "task": "sagas.reconcile_pending",
@@ -257,6 +274,17 @@ CELERY_BEAT_SCHEDULE = {
         "task": "sagas.recover_stalled",
         "schedule": float(env_int("SAGA_SWEEP_INTERVAL_S", 5, minimum=1)),
         "options": {"queue": MAINTENANCE_QUEUE, "expires": 60},
+    },
+    # A retention job still queued when the next one is due has been superseded.
+    "sagas-purge-expired": {
+        "task": "sagas.purge_expired",
+        "schedule": float(SAGA_RETENTION_INTERVAL_S),
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": SAGA_RETENTION_INTERVAL_S},
+    },
+    "bookings-purge-idempotency-keys": {
+        "task": "bookings.purge_idempotency_keys",
+        "schedule": float(SAGA_RETENTION_INTERVAL_S),
+        "options": {"queue": MAINTENANCE_QUEUE, "expires": SAGA_RETENTION_INTERVAL_S},
     },
 }
 
@@ -301,6 +329,12 @@ except ValueError:
     raise ImproperlyConfigured(
         "PAYMENTS_FAKE_LATE_CAPTURE_S is not a number of seconds, e.g. 2.0"
     ) from None
+
+# --- Bookings ---------------------------------------------------------------
+# How long an Idempotency-Key replays its first response; beat deletes older
+# keys, after which the same key books anew. The API documents no window, so
+# a day (Stripe prunes its keys after 24 hours too).
+BOOKINGS_IDEMPOTENCY_KEY_TTL_S = env_int("BOOKINGS_IDEMPOTENCY_KEY_TTL_S", 86_400, minimum=60)
 
 # --- DRF --------------------------------------------------------------------
 REST_FRAMEWORK = {

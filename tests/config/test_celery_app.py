@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from django.conf import settings
 
 LIST_TASKS = """
@@ -48,3 +49,24 @@ def test_a_production_worker_registers_no_bench_or_chaos_task():
     assert "trip_booking.refund_payment" in tasks
     assert "booking_cancellation.recharge_payment" in tasks
     assert {"sagas.step_failed", "sagas.compensation_failed", "sagas.recover_stalled"} <= set(tasks)
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        "sagas.reconcile_pending",
+        "sagas.recover_stalled",
+        "sagas.purge_expired",
+        "bookings.purge_idempotency_keys",
+    ],
+)
+def test_maintenance_jobs_run_on_their_own_queue(task):
+    from config.celery_app import app
+
+    assert app.amqp.router.route({}, task)["queue"].name == "maintenance"
+
+
+def test_errbacks_stay_on_the_saga_queue():
+    from config.celery_app import app
+
+    assert app.amqp.router.route({}, "sagas.step_failed")["queue"].name == "sagas"
