@@ -85,7 +85,22 @@ SESSION_BOUNDS = (
 @register(Tags.database, deploy=True)
 def check_database_waits_bounded(app_configs, **kwargs):
     """In production every PostgreSQL wait is bounded: timeouts set, keepalives on."""
-    database = settings.DATABASES.get("default", {})
+    missing = unbounded_waits(settings.DATABASES.get("default", {}))
+    if not missing:
+        return []
+    return [
+        Error(
+            f"database sessions wait without bound: {', '.join(missing)} not set (or 0).",
+            hint="Set DB_LOCK_TIMEOUT_MS, DB_STATEMENT_TIMEOUT_MS and "
+            "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS above 0 (README, 'Liveness'); "
+            "a frozen host would otherwise hold its row locks for hours.",
+            id="sagas.E004",
+        )
+    ]
+
+
+def unbounded_waits(database: dict) -> list[str]:
+    """What a PostgreSQL database's settings leave unbounded (nothing for another engine)."""
     if not database.get("ENGINE", "").startswith("django.db.backends.postgresql"):
         return []
     options = database.get("OPTIONS", {}) or {}
@@ -93,17 +108,7 @@ def check_database_waits_bounded(app_configs, **kwargs):
     missing = [name for name in SESSION_BOUNDS if not _bounded(server, name)]
     if not options.get("keepalives"):
         missing.append("keepalives")
-    if not missing:
-        return []
-    return [
-        Error(
-            f"database sessions wait without bound: {', '.join(missing)} not set (or 0).",
-            hint="Set DB_LOCK_TIMEOUT_MS, DB_STATEMENT_TIMEOUT_MS and "
-            "DB_IDLE_IN_TRANSACTION_TIMEOUT_MS above 0 (see the README's 'Bounded waits'); "
-            "a frozen host would otherwise hold its row locks for hours.",
-            id="sagas.E004",
-        )
-    ]
+    return missing
 
 
 def _bounded(server_options: str, name: str) -> bool:
