@@ -119,24 +119,25 @@ def sagas_reconcile_pending(*, limit: int = 500) -> int:
     stale = Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=Now() - grace)
     pending = Saga.objects.filter(stale, status=Status.PENDING, created_at__lt=Now() - grace)
     report_unknown_types()
+    pending = pending.filter(saga_type__in=registry.names())
+    candidates = list(pending.order_by("created_at").values_list("id", "dispatched_at")[:limit])
+    # Published before, but never marked RUNNING: still queued (behind a
+    # backlog, say) unless the broker has no message of it.
+    queued = broker.sagas_with_messages(
+        {str(saga_id) for saga_id, dispatched in candidates if dispatched is not None}
+    )
+    ids = [saga_id for saga_id, _ in candidates if str(saga_id) not in (queued or ())]
     with transaction.atomic():
         rows = list(
-            pending.filter(saga_type__in=registry.names())
+            pending.filter(pk__in=ids)
             .select_for_update(skip_locked=True)
             .annotate(overdue=ExpressionWrapper(Q(deadline__lt=Now()), BooleanField()))
             .order_by("created_at")
-            .values_list("id", "saga_type", "overdue", "dispatched_at")[:limit]
+            .values_list("id", "saga_type", "overdue")
         )
-        queued = (
-            broker.sagas_with_messages(
-                {str(row[0]) for row in rows if row[3] is not None and not row[2]}
-            )
-            or set()
-        )
-        rows = [row for row in rows if str(row[0]) not in queued]
         Saga.objects.filter(pk__in=[row[0] for row in rows]).update(dispatched_at=Now())
     published = ended = 0
-    for saga_id, saga_type, overdue, _dispatched in rows:
+    for saga_id, saga_type, overdue in rows:
         if overdue:
             ended += _end_unstarted(saga_id)
         elif saga_publish(saga_id=saga_id, saga_type=saga_type):
@@ -663,7 +664,9 @@ def saga_fail_compensation(
         undo_name = last.step if last else definition.steps[max(saga.undo_cursor - 1, 0)].undo_name
         error = f": {last.error}" if last and last.error else ""
         _finish(saga, Status.FAILED)
-        saga.failure_reason = f"compensation of {undo_name} exhausted its retries{error}"
+        poisoned = last is not None and "PoisonMessage" in last.error
+        failed = "crashed its worker too often" if poisoned else "exhausted its retries"
+        saga.failure_reason = f"compensation of {undo_name} {failed}{error}"
         saga.save(
             update_fields=["status", "failure_reason", "finished_at", "duration_ms", "updated_at"]
         )

@@ -305,7 +305,9 @@ SAGA_SWEEP_BUDGET_S = env_int("SAGA_SWEEP_BUDGET_S", 20, minimum=1)
 # A step or compensation whose message came back this many times after its
 # worker was lost (crashed, killed, frozen) fails for good: a message that
 # kills every worker it reaches cannot keep its saga from ending.
-SAGA_MAX_LOST_DELIVERIES = env_int("SAGA_MAX_LOST_DELIVERIES", 3, minimum=1)
+# A warm shutdown hands back what a worker held as "redelivered" too, so this
+# leaves room for a rolling restart.
+SAGA_MAX_LOST_DELIVERIES = env_int("SAGA_MAX_LOST_DELIVERIES", 5, minimum=1)
 # The database unreachable or a bounded wait run out (a lock held by a frozen
 # session): a step is tried again this many times, backing off to
 # SAGA_OUTAGE_MAX_DELAY_S, before it counts against its own retry policy.
