@@ -319,7 +319,7 @@ class SagaLogInline(ReadOnlyLogMixin, admin.TabularInline):
     extra = 0
     can_delete = False
     show_change_link = False
-    ordering = ["started_at", "id"]
+    ordering = ["id"]
     fields = [
         "step",
         "phase",

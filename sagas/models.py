@@ -139,7 +139,9 @@ class SagaLog(models.Model):
     result = models.JSONField(null=True, blank=True)
 
     class Meta:
-        ordering = ["started_at", "id"]
+        # Insertion order, which the database assigns: hosts whose clocks
+        # disagree cannot reorder a saga's history.
+        ordering = ["id"]
         constraints = [
             models.UniqueConstraint(
                 fields=["saga", "step", "phase"],

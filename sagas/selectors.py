@@ -23,8 +23,9 @@ def saga_get(*, saga_id) -> Saga:
 
 
 def saga_log(*, saga_id) -> QuerySet[SagaLog]:
-    """Its history, oldest first: one row per step attempt and phase, plus operators' notes."""
-    return SagaLog.objects.filter(saga_id=saga_id).order_by("started_at", "id")
+    """Its history in the order the database recorded it: one row per step attempt and phase,
+    plus operators' notes (not by ``started_at``: that is each worker's own clock)."""
+    return SagaLog.objects.filter(saga_id=saga_id).order_by("id")
 
 
 def saga_status(*, saga_id) -> str | None:

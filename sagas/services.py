@@ -259,7 +259,7 @@ def saga_begin_compensation(
             attempts = SagaLog.objects.filter(
                 saga=saga, step=definition.steps[undo].name, phase=SagaLog.Phase.ACTION
             )
-            failed = attempts.order_by("-started_at", "-id").first()
+            failed = attempts.order_by("-id").first()
             definite = failed is not None and failed.status == SagaLog.Status.FAILED
             if not definite or attempts.filter(may_have_effect=True).exists():
                 undo += 1
@@ -658,7 +658,7 @@ def saga_fail_compensation(
                     SagaLog.Status.TIMED_OUT,
                 ),
             )
-            .order_by("-started_at", "-id")
+            .order_by("-id")
             .first()
         )
         undo_name = last.step if last else definition.steps[max(saga.undo_cursor - 1, 0)].undo_name

@@ -45,7 +45,7 @@ class RunRows:
                 sagas[str(row["id"])] = row
             logs = (
                 SagaLog.objects.filter(saga_id__in=chunk, status__in=SagaLog.DONE)
-                .order_by("started_at", "id")
+                .order_by("id")
                 .values("id", "saga_id", "step", "phase", "status", "started_at")
             )
             for row in logs:
