@@ -370,7 +370,7 @@ class ChaosRun:
             self._broker_tick(now)
             if self.db.ready():
                 self._guarded("dispatch and poll", self._dispatch, self._poll)
-            self._guarded("the plug-in's tick", partial(self._harness_tick, now))
+            self._guarded("the plug-in's tick", partial(self._harness_tick, now), probe=False)
             self._publish_duplicates()
             self._workers_tick(now)
             self._infra_tick(now)
@@ -395,8 +395,12 @@ class ChaosRun:
     def _at(self) -> float:
         return time.monotonic() - self.started
 
-    def _guarded(self, what: str, *steps) -> None:
-        """Run ``steps``; a database connection error backs the loop's database work off."""
+    def _guarded(self, what: str, *steps, probe: bool = True) -> None:
+        """Run ``steps``; a database connection error backs the loop's database work off.
+
+        ``probe``: the steps always query the database, so their success says
+        it is back (the plug-in's tick may not touch it at all).
+        """
         try:
             for step in steps:
                 step()
@@ -410,7 +414,9 @@ class ChaosRun:
                     "the run keeps trying"
                 )
             return
-        if self.db.down and self.db.ready():
+        if not probe:
+            return
+        if self.db.down:
             self._say(f"database reachable again at {self._at():.1f}s")
         self.db.succeeded()
 
@@ -448,7 +454,14 @@ class ChaosRun:
         self.submit_failures.append(
             {"kind": kind, "index": index, "at_s": round(self._at(), 2), "reason": reason}
         )
-        logger.warning("chaos: could not submit %s %s", kind, index, exc_info=True)
+        # A database outage is expected (and said below); anything else is worth its traceback.
+        logger.log(
+            logging.INFO if isinstance(exc, CONNECTION_ERRORS) else logging.WARNING,
+            "chaos: could not submit %s %s",
+            kind,
+            index,
+            exc_info=not isinstance(exc, CONNECTION_ERRORS),
+        )
         if len(self.submit_failures) <= SHOWN_SUBMIT_FAILURES:
             self._say(f"could not submit {kind} {index} at {self._at():.1f}s: {reason}")
 
@@ -546,7 +559,9 @@ class ChaosRun:
         if done < len(self.kill_thresholds) and self.next_index >= self.kill_thresholds[done]:
             kill = self.pool.kill_child(done, at_s=now - self.started)
             if kill is not None:  # None: the child is being replaced; try on the next tick
-                self._fault(WORKER_KILL, f"pool process {kill.pid} of {kill.worker}")
+                self._fault(
+                    WORKER_KILL, f"pool process {kill.pid} of {kill.worker}", at_s=kill.at_s
+                )
                 self._say(f"killed pool process {kill.pid} of {kill.worker} at {kill.at_s}s")
         done = len(self.pool.host_kills)
         if done < len(self.host_kill_thresholds) and (
@@ -556,7 +571,7 @@ class ChaosRun:
                 done, at_s=now - self.started, restart_after_s=HOST_RESTART_AFTER_S
             )
             if host is not None:  # None: that worker is down right now; try on the next tick
-                self._fault(WORKER_HOST_KILL, f"{host.worker} (pids {host.pids})")
+                self._fault(WORKER_HOST_KILL, f"{host.worker} (pids {host.pids})", at_s=host.at_s)
                 self._say(
                     f"killed worker {host.worker} as a whole (SIGKILL to its process group, "
                     f"pids {', '.join(map(str, host.pids))}) at {host.at_s}s; a supervisor "
@@ -571,7 +586,9 @@ class ChaosRun:
             if self.frozen is not None:
                 self.freeze_started = now
                 self._fault(
-                    WORKER_FREEZE, f"{self.frozen.worker} for {self.options.freeze_worker:g}s"
+                    WORKER_FREEZE,
+                    f"{self.frozen.worker} for {self.options.freeze_worker:g}s",
+                    at_s=self.frozen.at_s,
                 )
                 self._say(
                     f"froze worker {self.frozen.worker} (SIGSTOP to its process group) at "
@@ -586,8 +603,9 @@ class ChaosRun:
         """A one-off fault's moment: that many sagas dispatched, and sagas in flight."""
         return threshold is not None and self.next_index >= threshold and bool(self.open)
 
-    def _fault(self, kind: str, detail: str = "") -> None:
-        self.tracker.fault(kind, at_s=self._at(), open_ids=list(self.open), detail=detail)
+    def _fault(self, kind: str, detail: str = "", *, at_s: float | None = None) -> None:
+        at_s = self._at() if at_s is None else at_s
+        self.tracker.fault(kind, at_s=at_s, open_ids=list(self.open), detail=detail)
 
     def _infra_tick(self, now: float) -> None:
         """Faults of the broker's data and of the database, on schedule."""
@@ -602,7 +620,7 @@ class ChaosRun:
             self.db_restart = infra.DatabaseRestart(
                 self.restart_command, logfile=self.workdir / "database-restart.log"
             )
-            self._fault(DATABASE_RESTART, self.restart_command.shown)
+            self._fault(DATABASE_RESTART, self.restart_command.shown, at_s=round(at, 2))
             self.db_restart.start(at_s=round(at, 2))
             self._say(f"restarting the database at {at:.1f}s: {self.restart_command.shown}")
         elif restart is not None and restart.poll(at_s=round(at, 2)):
@@ -624,7 +642,7 @@ class ChaosRun:
             if self.db_errors["broker flush"] == 1:
                 self._say(f"could not flush the broker at {at:.1f}s ({describe_error(exc)})")
             return
-        self._fault(BROKER_FLUSH, f"{flushed.keys} keys")
+        self._fault(BROKER_FLUSH, f"{flushed.keys} keys", at_s=round(at, 2))
         self.flushes.append({"at_s": round(at, 2), **vars(flushed)})
         self._say(
             f"flushed the broker's Redis database (FLUSHDB) at {at:.1f}s: {flushed.keys} keys, "
@@ -643,7 +661,7 @@ class ChaosRun:
         except CONNECTION_ERRORS as exc:
             self.db.failed(exc)
             return
-        self._fault(DB_CONNECTIONS_DROP, f"{ended} sessions")
+        self._fault(DB_CONNECTIONS_DROP, f"{ended} sessions", at_s=round(at, 2))
         self.drops.append({"at_s": round(at, 2), "sessions_ended": ended})
         self._say(
             f"ended {ended} database session(s) of the run's workers (pg_terminate_backend) "
@@ -677,7 +695,7 @@ class ChaosRun:
             logging.getLogger(saga_services.__name__).addFilter(self.quiet_publish_errors)
             self.broker.stop()
             self.broker_state = "down"
-            self._fault(BROKER_RESTART, "broker stopped")
+            self._fault(BROKER_RESTART, "broker stopped", at_s=round(at, 2))
             self.broker_restarts.append(
                 {
                     "stopped_at_s": round(at, 2),
