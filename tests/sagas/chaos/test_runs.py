@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from io import StringIO
 from pathlib import Path
 
@@ -269,6 +270,11 @@ def test_a_run_that_times_out_lists_the_open_sagas_and_fails(celery_worker, tmp_
         (["--topology=split"], "--topology split needs --workers"),
         (["--kill-workers=2"], "--kill-workers needs --workers"),
         (["--restart-broker"], "--restart-broker needs --workers"),
+        (["--kill-worker-host=1"], "--kill-worker-host needs --workers"),
+        (["--workers=1", "--freeze-worker=5"], "--freeze-worker needs --workers 2 or more"),
+        (["--crash-rate=0.1"], "--crash-rate needs --workers"),
+        (["--drop-db-connections"], "--drop-db-connections needs --workers"),
+        (["--no-faults", "--flush-broker"], "--no-faults contradicts --flush-broker"),
         (["--workers=1", "--kill-workers=500"], "--kill-workers must be at most 100, not 500"),
         (["--json=/no/such/dir/r.json"], "--json /no/such/dir/r.json: directory /no/such/dir"),
         (["--timeout=-1"], "--timeout must be more than 0 seconds"),
@@ -494,3 +500,55 @@ def _running(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+# Ends every session on the test database but its own, as a restart of the
+# server would, without touching the server other databases live on.
+END_SESSIONS = """
+import sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    ended = conn.execute(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    ).fetchone()[0]
+print(f"ended {ended} sessions")
+"""
+
+
+@pytest.mark.skipif(
+    settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql",
+    reason="--restart-database: PostgreSQL only",
+)
+@pytest.mark.timeout(300)
+def test_the_run_outlasts_a_database_restart_of_its_own_sessions_too(
+    celery_worker, tmp_path, monkeypatch
+):
+    from sagas.harness.processes import database_url
+
+    script = tmp_path / "restart.py"
+    script.write_text(END_SESSIONS)
+    url = database_url(settings.DATABASES["default"])
+    monkeypatch.setenv("CHAOS_DB_RESTART_COMMAND", f"{sys.executable} {script} {url}")
+
+    report, out, err = chaos(
+        tmp_path,
+        "--sagas=24",
+        "--concurrency=8",
+        "--workers=2",
+        "--restart-database",
+        "--seed=31",
+        "--timeout=240",
+    )
+
+    # Bookings submitted while the database was away are counted, not fatal.
+    submitted = report["sagas"]["total"]
+    assert submitted + report["sagas"]["unsubmitted"] == 24
+    assert_every_saga_ended(report, submitted)
+    assert report["faults"]["database_restart"] == 1
+    restart = report["database_restart"]
+    assert restart["exit_status"] == 0
+    assert restart["how"] == "from CHAOS_DB_RESTART_COMMAND"
+    assert len(recovery_of(report, "database_restart")) == 1
+    assert f"--restart-database will run (from CHAOS_DB_RESTART_COMMAND): {sys.executable}" in err
+    assert "the database restart finished at" in err
+    assert "database restarted at" in out
