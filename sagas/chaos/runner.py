@@ -224,13 +224,14 @@ class ChaosRun:
             math.ceil(options.sagas * (i + 1) / (options.kill_worker_host + 1))
             for i in range(options.kill_worker_host)
         ]
-        third = max(1, options.sagas // 3)
-        # Dispatched sagas after which each one-off fault fires (with sagas open).
+        # Ended sagas after which each one-off fault fires (with sagas in flight): a
+        # third into the run whatever --concurrency is, never before any saga could move.
+        third = math.ceil(options.sagas / 3)
         self.freeze_at = third if options.freeze_worker else None
         self.flush_at = third if options.flush_broker else None
-        self.restart_db_at = max(1, options.sagas // 2) if options.restart_database else None
+        self.restart_db_at = math.ceil(options.sagas / 2) if options.restart_database else None
         self.drop_at = (
-            sorted({third, max(1, 2 * options.sagas // 3)}) if options.drop_db_connections else []
+            sorted({third, math.ceil(2 * options.sagas / 3)}) if options.drop_db_connections else []
         )
         self.frozen: Freeze | None = None
         self.freeze_started = 0.0
@@ -600,8 +601,8 @@ class ChaosRun:
             self.frozen = None
 
     def _due(self, threshold: int | None) -> bool:
-        """A one-off fault's moment: that many sagas dispatched, and sagas in flight."""
-        return threshold is not None and self.next_index >= threshold and bool(self.open)
+        """A one-off fault's moment: that many sagas ended, and others in flight."""
+        return threshold is not None and self.terminal >= threshold and bool(self.open)
 
     def _fault(self, kind: str, detail: str = "", *, at_s: float | None = None) -> None:
         at_s = self._at() if at_s is None else at_s

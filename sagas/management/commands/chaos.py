@@ -155,20 +155,21 @@ class Command(BaseCommand):
             type=float,
             default=None,
             metavar="SECONDS",
-            help="with --workers 2 or more: SIGSTOP a whole worker a third into the run and "
+            help="with --workers 2 or more: SIGSTOP a whole worker once a third of the sagas ended "
+            "and "
             "SIGCONT it SECONDS later (its sockets and sessions stay open); one still frozen "
             "when the run ends is SIGKILLed",
         )
         parser.add_argument(
             "--flush-broker",
             action="store_true",
-            help="a third into the run, the broker loses every message, queued and "
+            help="once a third of the sagas ended, the broker loses every message, queued and "
             "unacknowledged: FLUSHDB on the broker's Redis database (that database only)",
         )
         parser.add_argument(
             "--restart-database",
             action="store_true",
-            help="restart PostgreSQL half-way through the run: a local cluster with "
+            help="restart PostgreSQL once half the sagas ended: a local cluster with "
             "pg_ctlcluster or pg_ctl, or the command in CHAOS_DB_RESTART_COMMAND; refused "
             "where this machine cannot (see --drop-db-connections)",
         )
@@ -176,7 +177,7 @@ class Command(BaseCommand):
             "--drop-db-connections",
             action="store_true",
             help="with --workers, PostgreSQL: end every database session of the run's "
-            "workers (pg_terminate_backend) a third and two thirds into the run",
+            "workers (pg_terminate_backend) once a third and once two thirds of the sagas ended",
         )
         parser.add_argument(
             "--restart-broker",
