@@ -185,8 +185,9 @@ class TripHarness(SagaHarness):
     # --- sagas -----------------------------------------------------------------
     def start(self, index: int, *, chaos: dict[str, Any] | None = None) -> str:
         request = self.booking_request(index)
-        self.cards[request["payment"].card_token] += 1
         booking = booking_create(**request, chaos=chaos or None)
+        # Counted once submitted: a booking the run could not submit injected nothing.
+        self.cards[request["payment"].card_token] += 1
         self.booking_ids.append(str(booking.id))
         return str(booking.saga_id)
 

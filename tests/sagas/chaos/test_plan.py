@@ -8,7 +8,7 @@ import pytest
 
 from bookings.saga_steps import trip_booking
 from sagas.chaos.invariants import compensation_order_problem
-from sagas.chaos.plan import ChaosConfigError, ChaosOptions, draw_plans
+from sagas.chaos.plan import Backends, ChaosConfigError, ChaosOptions, draw_plans
 from sagas.faults import validate_plan
 
 ACTIONS = trip_booking.action_names
@@ -206,3 +206,139 @@ def test_with_operator_retry_compensation_faults_are_for_good():
     assert [sorted(p.chaos.get("compensation_transient", {})) for p in healing] == [
         p.chaos.get("compensation_fail", []) for p in for_good
     ]
+
+
+# --- infrastructure faults and crashes ---------------------------------------------
+
+POSTGRES = {"ENGINE": "django.db.backends.postgresql", "NAME": "app", "HOST": "127.0.0.1"}
+SQLITE = {"ENGINE": "django.db.backends.sqlite3", "NAME": "/srv/app.sqlite3"}
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"crash_rate": 1.2, "workers": 1}, "--crash-rate must be a probability between 0 and 1"),
+        ({"crash_rate": 0.1}, "--crash-rate needs --workers"),
+        ({"kill_worker_host": 1}, "--kill-worker-host needs --workers"),
+        ({"workers": 1, "kill_worker_host": 0.5}, "--kill-worker-host must be a whole number"),
+        ({"workers": 1, "kill_worker_host": -1}, "--kill-worker-host must be a whole number"),
+        ({"workers": 1, "kill_worker_host": 101}, "--kill-worker-host must be at most 100"),
+        ({"sagas": 2, "workers": 1, "kill_worker_host": 3}, "--kill-worker-host must be at most 2"),
+        ({"freeze_worker": 5}, "--freeze-worker needs --workers 2 or more"),
+        ({"workers": 1, "freeze_worker": 5}, "--freeze-worker needs --workers 2 or more"),
+        ({"workers": 2, "freeze_worker": -1}, "--freeze-worker must be seconds between 0 and 3600"),
+        ({"workers": 2, "freeze_worker": float("inf")}, "--freeze-worker must be seconds"),
+        ({"workers": 2, "freeze_worker": 3601}, "--freeze-worker must be seconds"),
+        ({"drop_db_connections": True}, "--drop-db-connections needs --workers"),
+    ],
+)
+def test_invalid_infrastructure_faults_are_refused_naming_the_flag(options, message):
+    with pytest.raises(ChaosConfigError) as raised:
+        ChaosOptions(**options).validate(actions=ACTIONS)
+
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "database", "broker_url", "message"),
+    [
+        (
+            {"flush_broker": True},
+            POSTGRES,
+            "amqp://guest@rabbit:5672//",
+            "--flush-broker empties a Redis database (FLUSHDB); the broker is amqp://, not Redis",
+        ),
+        ({"flush_broker": True}, POSTGRES, "", "the broker is not set://, not Redis"),
+        (
+            {"workers": 1, "drop_db_connections": True},
+            SQLITE,
+            REDIS,
+            "--drop-db-connections ends the workers' PostgreSQL sessions (pg_terminate_backend); "
+            "the database is sqlite3, not PostgreSQL",
+        ),
+        (
+            {"restart_database": True},
+            SQLITE,
+            REDIS,
+            "--restart-database restarts a PostgreSQL server; the database is sqlite3",
+        ),
+    ],
+)
+def test_faults_the_backends_cannot_take_are_refused(options, database, broker_url, message):
+    backends = Backends(database=database, broker_url=broker_url)
+
+    with pytest.raises(ChaosConfigError) as raised:
+        ChaosOptions(**options).validate(actions=ACTIONS, backends=backends)
+
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "broker_url",
+    ["redis://127.0.0.1:6379/3", "rediss://:pw@cache:6380/0", "redis+socket:///run/redis.sock"],
+)
+def test_infrastructure_faults_pass_on_postgresql_and_redis(broker_url):
+    ChaosOptions(
+        workers=2,
+        crash_rate=0.1,
+        kill_worker_host=2,
+        freeze_worker=5,
+        flush_broker=True,
+        restart_database=True,
+        drop_db_connections=True,
+    ).validate(actions=ACTIONS, backends=Backends(database=POSTGRES, broker_url=broker_url))
+
+
+def test_crash_draws_leave_every_other_fault_where_it_was():
+    options = {"fail_rate": 0.1, "transient_rate": 0.1, "duplicate_rate": 0.2}
+
+    without = plans(11, **options)
+    with_crashes = plans(11, **options, crash_rate=0.2)
+
+    assert with_crashes == plans(11, **options, crash_rate=0.2)  # same seed, same crashes
+    assert any("crash" in plan.chaos for plan in with_crashes)
+    stripped = [{k: v for k, v in p.chaos.items() if k != "crash"} for p in with_crashes]
+    assert stripped == [plan.chaos for plan in without]
+    assert [p.duplicate_step for p in with_crashes] == [p.duplicate_step for p in without]
+
+
+def test_crashes_hit_only_steps_that_are_delivered_and_compensations_that_run():
+    drawn = plans(5, fail_rate=0.15, crash_rate=0.3)
+
+    crashes = sum(plan.faults["crash"] for plan in drawn)
+    assert crashes == sum(len(plan.chaos.get("crash", [])) for plan in drawn) > 0
+    for plan in drawn:
+        validate_plan(plan.chaos, actions=ACTIONS, compensations=trip_booking.compensation_names)
+        reach = ACTIONS.index(plan.fails_at) if plan.fails_at else len(ACTIONS)
+        delivered = set(ACTIONS[: reach + 1])
+        undone = {UNDO[step] for step in ACTIONS[:reach] if UNDO[step]} if plan.fails_at else set()
+        assert set(plan.chaos.get("crash", [])) <= delivered | undone
+    # Per action that is delivered, about the rate.
+    delivered = sum(
+        min(len(ACTIONS), ACTIONS.index(p.fails_at) + 1 if p.fails_at else 5) for p in drawn
+    )
+    action_crashes = sum(
+        len([name for name in plan.chaos.get("crash", []) if name in ACTIONS]) for plan in drawn
+    )
+    assert action_crashes / delivered == pytest.approx(0.3, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        ({"crash": "reserve_car"}, "chaos.crash must be a list of step names"),
+        ({"crash": ["reserve_boat"]}, r"chaos.crash names unknown steps \['reserve_boat'\]"),
+    ],
+)
+def test_a_bad_crash_plan_is_refused(plan, message):
+    with pytest.raises(ValueError, match=message):
+        validate_plan(plan, actions=ACTIONS, compensations=trip_booking.compensation_names)
+
+
+def test_a_crash_plan_may_name_actions_and_compensations():
+    plan = {"crash": ["reserve_car", "release_hotel"]}
+
+    assert (
+        validate_plan(plan, actions=ACTIONS, compensations=trip_booking.compensation_names) is plan
+    )
