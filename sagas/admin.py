@@ -471,6 +471,7 @@ class SagaAdmin(admin.ModelAdmin):
                     ("created_at", "dispatched_at"),
                     ("started_at", "finished_at"),
                     ("duration", "deadline"),
+                    "compensation_deadline",
                     "updated_at",
                 ]
             },
@@ -493,6 +494,7 @@ class SagaAdmin(admin.ModelAdmin):
         "finished_at",
         "duration",
         "deadline",
+        "compensation_deadline",
         "updated_at",
         "failure_reason_text",
         "resolved_at",

@@ -26,9 +26,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from collections.abc import Iterable
 
 from celery import current_app
+from django.conf import settings
 
 from sagas.definitions import MAINTENANCE_QUEUE, SAGA_QUEUE, registry
 
@@ -48,16 +50,31 @@ def saga_queues() -> set[str]:
 
 
 def sagas_with_messages(saga_ids: Iterable[str], *, app=None) -> set[str] | None:
-    """Which of ``saga_ids`` have a message queued, or held unacknowledged by a worker.
+    """Which of ``saga_ids`` have a message queued, or held by a worker whose lease is alive.
 
-    One atomic read (MULTI/EXEC) of every saga queue and of the ``unacked``
-    hash, so a message moving between them is seen in one place or the
-    other. ``None`` when the broker is not Redis or cannot be read now.
+    ``None`` when the broker is not Redis, cannot be read now, or holds more
+    than ``SAGA_BROKER_SCAN_MAX`` saga messages (reading them all would cost
+    more than recovery saves: then recovery falls back to budgets).
     """
     wanted = {str(saga_id) for saga_id in saga_ids}
     if not wanted:
         return set()
+    present = sagas_in_broker(app=app)
+    return None if present is None else present & wanted
+
+
+def sagas_in_broker(*, app=None) -> set[str] | None:
+    """The ids of every saga with a message queued, or held by a worker whose lease is alive.
+
+    One atomic read (MULTI/EXEC) of every saga queue, of the ``unacked``
+    hash and of the leases that lapsed (``unacked_index`` scores older than
+    the visibility timeout), so a message moving between a queue and a
+    worker is seen in one place or the other. A message whose lease lapsed
+    belongs to a worker that died or froze: it does not count (the
+    transport hands it out again, or the sweeper publishes the rest).
+    """
     app = app or current_app
+    limit = getattr(settings, "SAGA_BROKER_SCAN_MAX", 100_000)
     try:
         with app.pool.acquire(block=True, timeout=BROKER_TIMEOUT_S) as connection:
             channel = connection.default_channel
@@ -68,25 +85,37 @@ def sagas_with_messages(saga_ids: Iterable[str], *, app=None) -> set[str] | None
                 for queue in sorted(saga_queues())
                 for priority in channel.priority_steps
             ]
+            sizes = channel.client.pipeline(transaction=False)
+            for key in keys:
+                sizes.llen(key)
+            sizes.hlen(channel.unacked_key)
+            if sum(sizes.execute()) > limit:
+                logger.warning("more than %d messages in the broker: not reading them", limit)
+                return None
+            lapsed_before = time.time() - channel.visibility_timeout
             pipe = channel.client.pipeline(transaction=True)
             for key in keys:
                 pipe.lrange(key, 0, -1)
-            pipe.hvals(channel.unacked_key)
-            *queued, held = pipe.execute()
+            pipe.hgetall(channel.unacked_key)
+            pipe.zrangebyscore(channel.unacked_index_key, "-inf", lapsed_before)
+            *queued, held, lapsed = pipe.execute()
     except Exception as exc:
         logger.warning("cannot read the broker's queues (%s): recovery falls back to budgets", exc)
         return None
     found: set[str] = set()
     for raw in (item for items in queued for item in items):
-        _collect(_saga_id(_loads(raw)), wanted, found)
-    for raw in held:
+        _collect(_saga_id(_loads(raw)), found)
+    lapsed = set(lapsed)
+    for tag, raw in held.items():
+        if tag in lapsed:
+            continue
         entry = _loads(raw)
-        _collect(_saga_id(entry[0] if isinstance(entry, list) and entry else None), wanted, found)
+        _collect(_saga_id(entry[0] if isinstance(entry, list) and entry else None), found)
     return found
 
 
-def _collect(saga_id: str | None, wanted: set[str], found: set[str]) -> None:
-    if saga_id in wanted:
+def _collect(saga_id: str | None, found: set[str]) -> None:
+    if saga_id:
         found.add(saga_id)
 
 

@@ -56,6 +56,9 @@ class Saga(models.Model):
     # Stored when the saga ends, so stats and metrics aggregate a column.
     duration_ms = models.PositiveIntegerField(null=True, blank=True)
     deadline = models.DateTimeField(null=True, blank=True)
+    # When compensating must have ended (set as it begins, and again by each
+    # operator retry); the sweeper sets one on a COMPENSATING saga that has none.
+    compensation_deadline = models.DateTimeField(null=True, blank=True)
     failure_reason = models.TextField(blank=True)
     # An operator who settled a FAILED saga by hand says so here.
     resolved_at = models.DateTimeField(null=True, blank=True)

@@ -513,7 +513,8 @@ def _count_lost_delivery(attempt: _Attempt) -> None:
     if not attempt.redelivered:
         return
     try:
-        with transaction.atomic():
+        # Durable: committed before the body runs, so a crash of this delivery counts too.
+        with transaction.atomic(durable=True):
             attempt.log(
                 SagaLog.Status.LOST,
                 error="delivered again: the worker running it was lost (crashed, killed or frozen)",

@@ -120,18 +120,24 @@ def sagas_reconcile_pending(*, limit: int = 500) -> int:
     pending = Saga.objects.filter(stale, status=Status.PENDING, created_at__lt=Now() - grace)
     report_unknown_types()
     pending = pending.filter(saga_type__in=registry.names())
-    candidates = list(pending.order_by("created_at").values_list("id", "dispatched_at")[:limit])
-    # Published before, but never marked RUNNING: still queued (behind a
-    # backlog, say) unless the broker has no message of it.
-    queued = broker.sagas_with_messages(
-        {str(saga_id) for saga_id, dispatched in candidates if dispatched is not None}
+    overdue = ExpressionWrapper(Q(deadline__lt=Now()), BooleanField())
+    candidates = list(
+        pending.annotate(overdue=overdue)
+        .order_by("created_at")
+        .values_list("id", "dispatched_at", "overdue")[:limit]
     )
-    ids = [saga_id for saga_id, _ in candidates if str(saga_id) not in (queued or ())]
+    # Published before, but never marked RUNNING: still queued (behind a
+    # backlog, say) unless the broker has no message of it. An overdue one
+    # is ended whether queued or not: its step will find it ended.
+    queued = broker.sagas_with_messages(
+        {str(saga_id) for saga_id, dispatched, late in candidates if dispatched and not late}
+    )
+    ids = [saga_id for saga_id, _, _ in candidates if str(saga_id) not in (queued or ())]
     with transaction.atomic():
         rows = list(
             pending.filter(pk__in=ids)
             .select_for_update(skip_locked=True)
-            .annotate(overdue=ExpressionWrapper(Q(deadline__lt=Now()), BooleanField()))
+            .annotate(overdue=overdue)
             .order_by("created_at")
             .values_list("id", "saga_type", "overdue")
         )
@@ -270,7 +276,7 @@ def saga_begin_compensation(
             round=1,
             undo_cursor=undo,
             failure_reason=reason or detail,
-            deadline=Now() + timedelta(seconds=definition.compensation_deadline_s),
+            compensation_deadline=Now() + timedelta(seconds=definition.compensation_deadline_s),
             updated_at=Now(),
         )
         _after_commit(
@@ -417,9 +423,9 @@ def sagas_recover_stalled(*, limit: int = 1000, budget_s: float | None = None) -
         ):
             counts["deadline_compensated"] += 1
 
-    overdue = Saga.objects.filter(
-        status=Status.COMPENSATING, deadline__lt=Now(), saga_type__in=known
-    )
+    compensating = Saga.objects.filter(status=Status.COMPENSATING, saga_type__in=known)
+    _bound_compensations(compensating.filter(compensation_deadline__isnull=True))
+    overdue = compensating.filter(compensation_deadline__lt=Now())
     for saga_id in overdue.values_list("id", flat=True)[:limit]:
         if _fail_overdue_compensation(saga_id):
             counts["compensation_deadline_failed"] += 1
@@ -429,6 +435,9 @@ def sagas_recover_stalled(*, limit: int = 1000, budget_s: float | None = None) -
         status__in=(Status.RUNNING, Status.COMPENSATING), updated_at__lt=quiet, saga_type__in=known
     )
     seen: set = set()
+    # One read of the broker per sweep: the chains the batches publish are
+    # their own sagas', which no later batch looks at again.
+    present = broker.sagas_in_broker()
     while time.monotonic() < give_up_at:
         batch = list(
             stalled.exclude(pk__in=seen)
@@ -441,7 +450,7 @@ def sagas_recover_stalled(*, limit: int = 1000, budget_s: float | None = None) -
         if not batch:
             break
         seen.update(row["id"] for row in batch)
-        lost = _lost(batch)
+        lost = _lost(batch, present)
         for saga in _claim_stalled(stalled, lost):
             definition = registry.get(saga["saga_type"])
             if saga["status"] == Status.RUNNING:
@@ -462,13 +471,12 @@ def sagas_recover_stalled(*, limit: int = 1000, budget_s: float | None = None) -
     return counts
 
 
-def _lost(batch: list[dict]) -> list:
+def _lost(batch: list[dict], present: set[str] | None) -> list:
     """The ids of the sagas in ``batch`` whose messages are gone.
 
-    No message of the saga in the broker means lost; where the broker cannot
-    be read, a saga quiet for its step's whole retry budget is.
+    No message of the saga in the broker (``present``) means lost; where the
+    broker could not be read, a saga quiet for its step's whole retry budget is.
     """
-    present = broker.sagas_with_messages({str(row["id"]) for row in batch})
     lost = []
     for row in batch:
         if present is not None:
@@ -503,12 +511,20 @@ def _claim_stalled(stalled, ids: list) -> list[dict]:
     return claimed
 
 
+def _bound_compensations(unbounded) -> None:
+    """Give compensating sagas that have no deadline (begun before there were any) one from now."""
+    for definition in registry.all():
+        unbounded.filter(saga_type=definition.name).update(
+            compensation_deadline=Now() + timedelta(seconds=definition.compensation_deadline_s)
+        )
+
+
 def _fail_overdue_compensation(saga_id) -> bool:
     """COMPENSATING past its own deadline -> FAILED with the reason; an operator must act."""
     with transaction.atomic():
         saga = (
             _locked(Saga.objects.filter(pk=saga_id, status=Status.COMPENSATING), skip=True)
-            .filter(deadline__lt=Now())
+            .filter(compensation_deadline__lt=Now())
             .first()
         )
         if saga is None:
@@ -586,15 +602,15 @@ def _calls_in_flight(saga: Saga) -> bool:
     """Whether an external step's call of this saga may still land (its STARTED row is open).
 
     A call lasts at most its hard time limit; a copy lost with its worker is
-    delivered again within the broker's visibility timeout and closes or
-    undoes it. Past that, a row left STARTED belongs to a process that is gone
-    (or frozen for longer: that case is beyond this bound).
+    delivered again within the visibility timeout and closes or undoes it.
+    ``SAGA_CALL_HORIZON_S`` more covers a worker frozen mid-call for up to
+    that long. Past that, a row left STARTED belongs to a process that is
+    gone (or frozen for longer still: that case is beyond this bound).
     """
     external = [step for step in registry.get(saga.saga_type).steps if step.external]
     if not external:
         return False
-    visibility = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get("visibility_timeout", 3600)
-    horizon = max(step.hard_limit_s for step in external) + visibility
+    horizon = max(step.hard_limit_s for step in external) + settings.SAGA_CALL_HORIZON_S
     return SagaLog.objects.filter(
         saga=saga,
         status=SagaLog.Status.STARTED,
@@ -684,7 +700,7 @@ def saga_retry_compensation(*, saga_id, operator: str) -> Saga:
         saga.finished_at = None
         saga.duration_ms = None
         # A new round, a new bound: the compensation deadline runs from now.
-        saga.deadline = Now() + timedelta(seconds=definition.compensation_deadline_s)
+        saga.compensation_deadline = Now() + timedelta(seconds=definition.compensation_deadline_s)
         saga.updated_at = Now()
         # An injected fault belongs to the run that failed; the operator's
         # retry runs without it, as it would after fixing a real cause.
@@ -695,13 +711,13 @@ def saga_retry_compensation(*, saga_id, operator: str) -> Saga:
                 "round",
                 "finished_at",
                 "duration_ms",
-                "deadline",
+                "compensation_deadline",
                 "context",
                 "updated_at",
             ]
         )
         # The database computed these from its clock: read them back for the caller.
-        saga.refresh_from_db(fields=["deadline", "updated_at"])
+        saga.refresh_from_db(fields=["compensation_deadline", "updated_at"])
         saga_log_note(saga=saga, text=f"compensation retried by {operator} (round {saga.round})")
         _after_commit(
             partial(_publish_compensation, definition, saga.id, saga.undo_cursor, saga.round),

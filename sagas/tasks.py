@@ -96,7 +96,13 @@ def reconcile_pending(**_ignored: Any) -> int:
     return services.sagas_reconcile_pending()
 
 
-@shared_task(name="sagas.recover_stalled", **SAGA_TASK_OPTIONS)
+@shared_task(
+    name="sagas.recover_stalled",
+    # A sweep stops taking batches after SAGA_SWEEP_BUDGET_S: room to finish the last one.
+    soft_time_limit=settings.SAGA_SWEEP_BUDGET_S + 20,
+    time_limit=settings.SAGA_SWEEP_BUDGET_S + 30,
+    **SAGA_TASK_OPTIONS,
+)
 def recover_stalled(**_ignored: Any) -> dict[str, int]:
     return services.sagas_recover_stalled()
 

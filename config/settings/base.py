@@ -194,7 +194,11 @@ CELERY_BROKER_URL = REDIS_URL
 # database connection broke: a worker's main process stores hard time limits.
 CELERY_RESULT_BACKEND = "sagas.results:ResilientDatabaseBackend"
 CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
-CELERY_RESULT_BACKEND_MAX_RETRIES = 10
+# Few and quick: the worker's main process stores hard time limits, and a
+# long retry there would stall its event loop (and the renewal of its leases).
+CELERY_RESULT_BACKEND_MAX_RETRIES = 2
+CELERY_RESULT_BACKEND_BASE_SLEEP_BETWEEN_RETRIES_MS = 100
+CELERY_RESULT_BACKEND_MAX_SLEEP_BETWEEN_RETRIES_MS = 1000
 CELERY_RESULT_EXTENDED = True
 # Saga steps store no result on success (SagaLog has it) but always on failure,
 # so the admin can link a failed attempt to its stored traceback.
@@ -219,11 +223,17 @@ SAGA_MAX_RETRY_DELAY_S = env_int("SAGA_MAX_RETRY_DELAY_S", 30, minimum=1)
 # renewals: a worker that died or froze has its messages handed out again
 # within about CELERY_VISIBILITY_TIMEOUT + the restore interval.
 SAGA_LEASE_RENEW_S = env_int("SAGA_LEASE_RENEW_S", 2, minimum=1)
+# The timeout leaves room for a worker's event loop to stall for a while (a
+# slow result store, a busy host) and for hosts' clocks to disagree by a few
+# seconds: kombu compares the renewing worker's clock with the restoring one's.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 10, minimum=1),
+    "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 20, minimum=1),
     # Look for lapsed leases every second (kombu's default: every 100 s).
     "unacked_restore_interval": 1,
     "unacked_restore_throttle": 1,
+    # The restore takes a lock in Redis; one left by a worker that died or
+    # froze holding it must not stop every restore for kombu's default 300 s.
+    "unacked_mutex_expire": 10,
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # A request must not hang on a broker outage: publishing gives up quickly and
@@ -300,8 +310,16 @@ SAGA_STALL_GRACE_S = env_int("SAGA_STALL_GRACE_S", 10, minimum=1)
 # A saga quiet this long with no message of it in the broker lost its
 # messages: the sweeper publishes the rest of its chain (sagas.broker).
 SAGA_LOST_AFTER_S = env_int("SAGA_LOST_AFTER_S", 10, minimum=1)
-# One sweep works through stalled sagas in batches for at most this long.
-SAGA_SWEEP_BUDGET_S = env_int("SAGA_SWEEP_BUDGET_S", 20, minimum=1)
+# One sweep works through stalled sagas in batches for at most this long (the
+# sweeper's soft time limit is this plus 20 s).
+SAGA_SWEEP_BUDGET_S = env_int("SAGA_SWEEP_BUDGET_S", 10, minimum=1)
+# Above this many saga messages in the broker the sweeper does not read them
+# (it would cost more than it saves) and waits out step budgets instead.
+SAGA_BROKER_SCAN_MAX = env_int("SAGA_BROKER_SCAN_MAX", 100_000, minimum=1)
+# How long an external step's call (a payment) may still land after its
+# STARTED row was written: a saga does not finish compensating before then.
+# It bounds a worker frozen mid-call; one frozen longer is beyond it.
+SAGA_CALL_HORIZON_S = env_int("SAGA_CALL_HORIZON_S", 120, minimum=1)
 # A step or compensation whose message came back this many times after its
 # worker was lost (crashed, killed, frozen) fails for good: a message that
 # kills every worker it reaches cannot keep its saga from ending.

@@ -225,6 +225,22 @@ def test_an_overdue_pending_saga_ends_without_running_its_steps(customer, trip_i
     assert Saga.objects.get(pk=saga_id).steps_done == 0
 
 
+def test_an_overdue_pending_saga_still_queued_is_ended_all_the_same(customer, trip_items):
+    """Published, but marking it RUNNING failed, and its queue is not consumed in time."""
+    booking = unpublished_booking(customer, trip_items)
+    saga_id = booking.saga_id
+    long_ago = timezone.now() - LONG_AGO
+    Saga.objects.filter(pk=saga_id).update(
+        created_at=long_ago, deadline=long_ago, dispatched_at=long_ago
+    )
+    with mock.patch("sagas.broker.sagas_in_broker", return_value={str(saga_id)}):
+        saga_services.sagas_reconcile_pending()
+
+    saga = Saga.objects.get(pk=saga_id)
+    assert saga.status == Saga.Status.COMPENSATED
+    assert saga.failure_reason.startswith("deadline passed before any step ran")
+
+
 def test_a_saga_of_an_unknown_type_does_not_block_the_reconciler(customer, trip_items, caplog):
     long_ago = timezone.now() - LONG_AGO
     orphans = [

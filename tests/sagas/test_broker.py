@@ -129,7 +129,7 @@ def test_a_compensation_past_its_own_deadline_ends_failed_for_an_operator(idle_s
         undo_cursor=1,
         round=1,
         failure_reason="step again failed",
-        deadline=timezone.now() - timedelta(seconds=1),
+        compensation_deadline=timezone.now() - timedelta(seconds=1),
     )
 
     counts = saga_services.sagas_recover_stalled()
@@ -151,8 +151,58 @@ def test_compensating_starts_its_own_deadline_from_the_database_clock(idle_saga)
     saga.refresh_from_db()
     window = timedelta(seconds=idle_saga.compensation_deadline_s)
     assert saga.status == Saga.Status.COMPENSATING
-    assert timezone.now() + window - timedelta(seconds=5) < saga.deadline
-    assert saga.deadline < timezone.now() + window + timedelta(seconds=5)
+    assert timezone.now() + window - timedelta(seconds=5) < saga.compensation_deadline
+    assert saga.compensation_deadline < timezone.now() + window + timedelta(seconds=5)
+    # The action deadline is the saga's own, untouched.
+    assert saga.deadline > timezone.now() + timedelta(minutes=30)
+
+
+def test_a_saga_compensating_since_before_there_were_deadlines_gets_one_not_a_failure(idle_saga):
+    saga = stalled_saga(idle_saga)
+    # Begun by older code: its action deadline long past, no compensation deadline.
+    Saga.objects.filter(pk=saga.pk).update(
+        status=Saga.Status.COMPENSATING,
+        undo_cursor=1,
+        round=1,
+        deadline=timezone.now() - timedelta(hours=1),
+    )
+
+    counts = saga_services.sagas_recover_stalled()
+
+    assert counts["compensation_deadline_failed"] == 0
+    saga.refresh_from_db()
+    assert saga.status == Saga.Status.COMPENSATING
+    assert saga.compensation_deadline > timezone.now()
+
+
+def test_a_message_whose_lease_lapsed_does_not_count_as_held(idle_saga):
+    saga = stalled_saga(idle_saga)
+    canvas.action_chain(idle_saga, str(saga.pk)).apply_async()
+    client = redis.Redis.from_url(current_app.conf.broker_url)
+    with current_app.connection_for_read() as connection:
+        queue = connection.SimpleQueue(IDLE_QUEUE)
+        message = queue.get(timeout=5)  # held by a "worker" that then died: no renewals
+        try:
+            visibility = current_app.conf.broker_transport_options["visibility_timeout"]
+            tag = message.delivery_tag
+            assert broker.sagas_with_messages({str(saga.pk)}) == {str(saga.pk)}
+            client.zadd("unacked_index", {tag: time.time() - visibility - 1})
+
+            assert broker.sagas_with_messages({str(saga.pk)}) == set()
+        finally:
+            message.ack()
+            queue.close()
+
+
+def test_a_broker_too_full_to_read_is_not_read(idle_saga, settings):
+    saga = stalled_saga(idle_saga)
+    for _ in range(3):
+        canvas.action_chain(idle_saga, str(saga.pk)).apply_async()
+    settings.SAGA_BROKER_SCAN_MAX = 2
+
+    assert broker.sagas_with_messages({str(saga.pk)}) is None
+    # The sweeper then falls back to the step's whole budget: an hour is past it.
+    assert saga_services.sagas_recover_stalled()["resumed"] == 1
 
 
 def test_a_live_worker_renews_its_lease_on_a_message_it_holds(celery_worker, settings):
