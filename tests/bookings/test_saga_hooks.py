@@ -70,9 +70,14 @@ def test_a_cancellation_does_not_finish_while_its_refund_call_may_still_land(cus
     booking.refresh_from_db()
     assert booking.status == Booking.Status.CANCELLING  # not cancellable again meanwhile
 
-    # Past its hard limit plus a redelivery, the call cannot land any more.
-    visibility = settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]
-    long_ago = now - timedelta(seconds=refund_step.hard_limit_s + visibility + 1)
+    # Still out just inside its hard limit plus the horizon: not yet.
+    horizon = settings.SAGA_CALL_HORIZON_S
+    SagaLog.objects.filter(pk=marker.pk).update(
+        started_at=now - timedelta(seconds=refund_step.hard_limit_s + horizon - 5)
+    )
+    assert saga_services.saga_finish_compensation(saga_id=saga.id) is False
+    # Past its hard limit plus the horizon (a frozen copy's too), it cannot land any more.
+    long_ago = now - timedelta(seconds=refund_step.hard_limit_s + horizon + 1)
     SagaLog.objects.filter(pk=marker.pk).update(started_at=long_ago)
     assert saga_services.saga_finish_compensation(saga_id=saga.id) is True
     saga.refresh_from_db()
