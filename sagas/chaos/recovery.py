@@ -4,7 +4,11 @@ The monitor loop reports every open saga's (status, steps_done, undo_cursor)
 on each poll (``observe``) and every fault as it is injected (``fault``).
 A saga is affected by a fault if it was open at that moment; it has moved on
 at its first observed change of state after the fault (reaching a terminal
-status counts). Times are the run's seconds since it started.
+status counts), or at the end of the first attempt of one of its steps that a
+worker recorded after the fault, whichever came first: a saga whose
+compensation keeps retrying by design (a gateway down, an injected failure
+waiting for an operator) is being worked on, not stuck, though its state
+does not change. Times are the run's seconds since it started.
 """
 
 from __future__ import annotations
@@ -26,6 +30,17 @@ class FaultEvent:
     # Affected saga id -> its state when the fault hit (None: not observed yet).
     waiting: dict[str, State | None] = field(default_factory=dict)
     moved_on: dict[str, float] = field(default_factory=dict)  # saga id -> seconds after
+    # The newest SagaLog id when the fault hit: rows above it were written after.
+    log_mark: int | None = None
+
+    def worked_on(self, saga_id: str, seconds_after: float) -> None:
+        """A worker recorded an attempt of ``saga_id`` ``seconds_after`` the fault."""
+        seconds_after = max(0.0, seconds_after)
+        if saga_id in self.waiting:
+            del self.waiting[saga_id]
+            self.moved_on[saga_id] = seconds_after
+        elif saga_id in self.moved_on:
+            self.moved_on[saga_id] = min(self.moved_on[saga_id], seconds_after)
 
     @property
     def affected(self) -> int:
@@ -55,9 +70,11 @@ class RecoveryTracker:
         # Saga id -> the faults it has not moved on from yet: a poll touches only those.
         self.pending: dict[str, list[FaultEvent]] = {}
 
-    def fault(self, kind: str, *, at_s: float, open_ids, detail: str = "") -> FaultEvent:
+    def fault(
+        self, kind: str, *, at_s: float, open_ids, detail: str = "", log_mark: int | None = None
+    ) -> FaultEvent:
         """A fault was injected at ``at_s``; ``open_ids`` are the sagas not terminal then."""
-        event = FaultEvent(kind=kind, at_s=at_s, detail=detail)
+        event = FaultEvent(kind=kind, at_s=at_s, detail=detail, log_mark=log_mark)
         for saga_id in open_ids:
             event.waiting[saga_id] = self.last.get(saga_id)
             self.affected.add(saga_id)

@@ -24,12 +24,14 @@ import uuid
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from functools import partial
 from typing import Any, TextIO
 
 from celery import current_app
 from django.conf import settings
-from django.db.models import Count
+from django.db import DatabaseError
+from django.db.models import Count, Max, Min
 from django.utils import timezone
 
 from sagas import services as saga_services
@@ -246,6 +248,7 @@ class ChaosRun:
         self.tracker = RecoveryTracker()
         self.recovery = {"calls": 0, "republished": 0, "stalled": Counter(), "errors": 0}
         self.started = 0.0
+        self.started_at = timezone.now()
         self.elapsed = 0.0
         self.timed_out = False
         self.progress: report.Progress | None = None
@@ -361,6 +364,7 @@ class ChaosRun:
 
     def _loop(self, progress: report.Progress) -> None:
         self.started = time.monotonic()
+        self.started_at = timezone.now()
         deadline = self.started + self.options.timeout
         next_recovery = self.started + RECOVERY_EVERY_S
         while True:
@@ -606,7 +610,29 @@ class ChaosRun:
 
     def _fault(self, kind: str, detail: str = "", *, at_s: float | None = None) -> None:
         at_s = self._at() if at_s is None else at_s
-        self.tracker.fault(kind, at_s=at_s, open_ids=list(self.open), detail=detail)
+        try:
+            mark = SagaLog.objects.aggregate(mark=Max("id"))["mark"] or 0
+        except DatabaseError:  # the fault took the database away: rows tell nothing here
+            mark = None
+        self.tracker.fault(kind, at_s=at_s, open_ids=list(self.open), detail=detail, log_mark=mark)
+
+    def _attempts_after_faults(self) -> None:
+        """Refine when each affected saga moved on with the attempts workers recorded since."""
+        for event in self.tracker.events:
+            if event.log_mark is None:
+                continue
+            fault_at = self.started_at + timedelta(seconds=event.at_s)
+            ids = [*event.waiting, *event.moved_on]
+            for chunk in chunks(ids):
+                rows = (
+                    SagaLog.objects.filter(
+                        saga_id__in=chunk, id__gt=event.log_mark, finished_at__gte=fault_at
+                    )
+                    .values("saga_id")
+                    .annotate(first=Min("finished_at"))
+                )
+                for row in rows:
+                    event.worked_on(str(row["saga_id"]), (row["first"] - fault_at).total_seconds())
 
     def _infra_tick(self, now: float) -> None:
         """Faults of the broker's data and of the database, on schedule."""
@@ -761,6 +787,7 @@ class ChaosRun:
 
     # --- the report --------------------------------------------------------------
     def _report(self) -> dict[str, Any]:
+        self._attempts_after_faults()
         undispatched = self.options.sagas - self.next_index
         unsubmitted = sum(1 for f in self.submit_failures if f["kind"] == "saga")
         checks = invariants.check_run(

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import uuid
 from datetime import timedelta
 from unittest import mock
 
 import psycopg
 import pytest
-import redis
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
@@ -25,10 +23,10 @@ from bookings.models import Booking
 from sagas import canvas, tasks
 from sagas import services as saga_services
 from sagas.definitions import RetryPolicy, SagaDefinition, Step, registry
-from sagas.harness.processes import die_with_parent, worker_argv, worker_environment
 from sagas.models import Saga, SagaLog
 from tests.conftest import wait_for
 from tests.functional.support import TRIP_STEPS, book_trip, done_steps, park_after, wait_terminal
+from tests.probe_worker import probe_worker
 
 pytestmark = [pytest.mark.saga, pytest.mark.django_db(transaction=True)]
 
@@ -306,36 +304,12 @@ if os.environ.get(WORKER_FLAG):
 @pytest.fixture
 def poison_worker(scratch_registry, tmp_path):
     """The poison saga declared here, and a prefork worker (-c 1) that knows it too."""
-    from config.celery_app import app
-
     definition = declare_poison_saga()
     logfile = tmp_path / "worker.log"
-    env = {**worker_environment(broker_url=app.conf.broker_url), WORKER_FLAG: "1"}
-    argv = worker_argv(
-        name=f"poison-{uuid.uuid4().hex[:8]}@%h",
-        queues=(POISON_QUEUE,),
-        concurrency=1,
-        includes=(__name__,),
-    )
-    with logfile.open("wb") as log:
-        worker = subprocess.Popen(  # noqa: S603 - our own celery, our own arguments
-            argv,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=settings.BASE_DIR,
-            preexec_fn=die_with_parent(),
-        )
-    try:
+    with probe_worker(
+        module=__name__, flag=WORKER_FLAG, queues=(POISON_QUEUE,), logfile=logfile, name="poison"
+    ):
         yield definition, logfile
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(timeout=5)
-        redis.Redis.from_url(app.conf.broker_url).delete(POISON_QUEUE)
 
 
 def test_a_compensation_that_crashes_its_worker_every_time_ends_failed_after_the_bound(

@@ -15,13 +15,11 @@ test kills a real step in a real prefork worker.
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 import uuid
 from unittest import mock
 
 import pytest
-import redis
 from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from django.conf import settings
 from django.db import connection, transaction
@@ -30,10 +28,10 @@ from django_celery_results.models import TaskResult
 from bookings.models import Booking
 from sagas import services, tasks
 from sagas.definitions import COMPENSATION_RETRY, RetryPolicy, SagaDefinition, Step
-from sagas.harness.processes import die_with_parent, worker_argv, worker_environment
 from sagas.models import Saga, SagaLog
 from sagas.services import saga_start
 from tests.functional.support import wait_terminal
+from tests.probe_worker import probe_worker
 from tests.sagas.support import StandInTask, act, undo
 
 Status = Saga.Status
@@ -477,46 +475,25 @@ if os.environ.get(WORKER_FLAG):
 
 
 @pytest.fixture
-def probe_worker(scratch_registry, transactional_db, tmp_path):
+def probe_saga_worker(scratch_registry, transactional_db, tmp_path):
     """The probe saga declared here, and a prefork worker (-c 1) that knows it too."""
-    from config.celery_app import app
-
     definition = declare_probe_saga()
     logfile = tmp_path / "worker.log"
-    env = {**worker_environment(broker_url=app.conf.broker_url), WORKER_FLAG: "1"}
-    argv = worker_argv(
-        name=f"hard-limit-{uuid.uuid4().hex[:8]}@%h",
+    with probe_worker(
+        module=__name__,
+        flag=WORKER_FLAG,
         queues=(PROBE_QUEUE, "sagas"),
-        concurrency=1,
-        includes=(__name__,),
-    )
-    with logfile.open("wb") as log:
-        worker = subprocess.Popen(  # noqa: S603 - our own celery, our own arguments
-            argv,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=settings.BASE_DIR,
-            preexec_fn=die_with_parent(),
-        )
-    try:
+        logfile=logfile,
+        name="hard-limit",
+    ):
         yield definition, logfile
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(timeout=5)
-        # Whatever the worker left unconsumed must not reach the next run's worker.
-        redis.Redis.from_url(app.conf.broker_url).delete(PROBE_QUEUE)
 
 
 @pytest.mark.saga
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_a_step_killed_by_its_hard_limit_in_a_prefork_worker_is_retried_and_the_saga_completes(
-    probe_worker,
+    probe_saga_worker,
 ):
     from config.celery_app import app
 
@@ -525,7 +502,7 @@ def test_a_step_killed_by_its_hard_limit_in_a_prefork_worker_is_retried_and_the_
         # never reaches its hard-limit handler while the killed step's child
         # holds the database file's lock (no "Hard time limit exceeded" line).
         pytest.skip("needs PostgreSQL: a prefork worker on one SQLite file stalls at the kill")
-    definition, logfile = probe_worker
+    definition, logfile = probe_saga_worker
     stubborn_step = definition.steps[0]
     with transaction.atomic():
         saga = saga_start(saga_type=PROBE_SAGA, business_key=f"probe:{uuid.uuid4()}")

@@ -104,3 +104,21 @@ def test_without_faults_or_unaffected_sagas_there_is_no_extra_latency():
     figures = tracker.figures({"a": 100})
     assert figures["unaffected_median_ms"] is None
     assert figures["extra_latency_ms"] == {"p50": None, "p99": None}
+
+
+def test_an_attempt_a_worker_recorded_after_the_fault_counts_as_moving_on():
+    """A compensation retrying by design is worked on, not stuck, though its state holds."""
+    tracker = RecoveryTracker()
+    for saga in ("retrying", "slow", "stuck"):
+        tracker.observe(saga, ("COMPENSATING", 2, 2), at_s=4.0, terminal=False)
+    event = tracker.fault("worker_host_kill", at_s=5.0, open_ids=["retrying", "slow", "stuck"])
+    tracker.observe("slow", ("COMPENSATING", 2, 1), at_s=30.0, terminal=False)
+
+    event.worked_on("retrying", 3.0)  # its next attempt ended 3 s after the fault
+    event.worked_on("slow", 20.0)  # an attempt before the state change was seen
+    event.worked_on("slow", 40.0)  # a later one changes nothing
+
+    [fault] = tracker.figures({})["faults"]
+    assert (fault["moved_on"], fault["never_moved_on"]) == (2, 1)
+    assert fault["recovered_s"] is None  # "stuck" never moved on
+    assert sorted(event.moved_on.values()) == [3.0, 20.0]
