@@ -382,7 +382,9 @@ def _retry_after_hard_limit(
     return True
 
 
-def sagas_recover_stalled(*, limit: int = 1000, budget_s: float | None = None) -> dict[str, int]:
+def sagas_recover_stalled(
+    *, limit: int = 1000, budget_s: float | None = None, saga_types: list[str] | None = None
+) -> dict[str, int]:
     """Move on every saga that stopped making progress; nothing waits forever.
 
     - RUNNING past its deadline: compensated (the step in flight included,
@@ -402,6 +404,7 @@ def sagas_recover_stalled(*, limit: int = 1000, budget_s: float | None = None) -
     waited for) and one UPDATE of ``updated_at``, so two beats running this
     at once never both act on a saga. It works through batches of ``limit``
     until nothing is left or ``budget_s`` (``SAGA_SWEEP_BUDGET_S``) is spent.
+    ``saga_types`` limits it to those types (default: every declared one).
     Times come from the database's clock.
     """
     budget = settings.SAGA_SWEEP_BUDGET_S if budget_s is None else budget_s
@@ -412,7 +415,7 @@ def sagas_recover_stalled(*, limit: int = 1000, budget_s: float | None = None) -
         "resumed": 0,
         "compensation_requeued": 0,
     }
-    known = registry.names()
+    known = [name for name in registry.names() if saga_types is None or name in saga_types]
     broker.restore_expired_leases()
 
     overdue = Saga.objects.filter(status=Status.RUNNING, deadline__lt=Now(), saga_type__in=known)

@@ -223,6 +223,24 @@ def test_the_changelist_runs_the_same_number_of_queries_for_few_or_many_sagas(
     assert len(rows_of(response)) == 50  # one full page of the 66 sagas
 
 
+def test_the_changelist_warns_of_sagas_whose_type_no_deployed_code_declares(admin_client, seed):
+    from django.core.cache import cache
+
+    from sagas.admin import UNKNOWN_TYPES_CACHE_KEY
+
+    cache.delete(UNKNOWN_TYPES_CACHE_KEY)
+    seed.saga(Status.COMPLETED)
+    for _ in range(2):
+        Saga.objects.create(saga_type="retired_type", business_key="old:x")
+    Saga.objects.create(saga_type="retired_type", business_key="old:y", status=Status.COMPLETED)
+
+    response = admin_client.get(CHANGELIST)
+
+    [warning] = messages_of(response)
+    assert "recovery skips them: retired_type (2)" in warning
+    cache.delete(UNKNOWN_TYPES_CACHE_KEY)
+
+
 def test_the_status_filter_lists_only_sagas_in_that_status(admin_client, every_status):
     response = admin_client.get(CHANGELIST, {"status__exact": Status.FAILED})
 

@@ -101,6 +101,18 @@ def test_saga_counters_and_gauges_equal_the_rows():
     assert value(samples, "backtrack_sagas_in_progress", status="RUNNING", **cancellation) == 0
 
 
+def test_sagas_in_flight_of_a_type_no_deployed_code_declares_are_counted():
+    make_saga("PENDING", saga_type="retired_type")
+    make_saga("RUNNING", saga_type="retired_type")
+    make_saga("COMPLETED", saga_type="retired_type")
+    make_saga("RUNNING")
+
+    samples = scrape()
+
+    assert value(samples, "backtrack_sagas_unknown_type", saga_type="retired_type") == 2
+    assert ("backtrack_sagas_unknown_type", (("saga_type", TRIP),)) not in samples
+
+
 def test_a_registered_saga_type_without_rows_reports_zeros():
     samples = scrape()
 

@@ -245,11 +245,19 @@ def test_seed_sagas_inserts_exactly_the_rows_asked_for(capsys):
 def test_bench_scale_times_every_page_over_the_seeded_sagas(tmp_path, capsys):
     call_command("seed_sagas", "--sagas", "40", "--logs-per-saga", "5")
     path = tmp_path / "scale.json"
+    seeded = dict(Saga.objects.values_list("id", "updated_at"))
 
-    call_command("bench", "--scale", "--runs", "1", "--json", str(path))
+    call_command("bench", "--scale", "--runs", "1", "--stalled", "300", "--json", str(path))
 
     report = json.loads(path.read_text())
     assert report["rows"] == {"sagas": 40, "saga_logs": 200}
+    recovery = report["recovery"]
+    assert (recovery["stalled"], recovery["resumed"]) == (300, 300)
+    assert recovery["republished_messages"] == 300
+    assert recovery["pass"] is True
+    assert report["targets"]["stalled sagas moved on"]["target"] == "<= 120"
+    # Its own sagas are gone, and the seeded ones (some in flight) untouched by its sweeps.
+    assert dict(Saga.objects.values_list("id", "updated_at")) == seeded
     pages = report["pages"]
     for name in (
         "admin saga changelist",
@@ -263,3 +271,4 @@ def test_bench_scale_times_every_page_over_the_seeded_sagas(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "slowest statement" in out
     assert "the targets are for 1,000,000" in out
+    assert "sweeper: 300 of 300 stalled sagas moved on in" in out
