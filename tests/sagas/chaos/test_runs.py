@@ -418,9 +418,7 @@ def test_sagas_survive_the_broker_losing_every_message(celery_worker, tmp_path):
     settings.DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql",
     reason="pg_terminate_backend: PostgreSQL only",
 )
-# Seen once at 234 s: a compensation whose session was ended waited for the
-# sweeper's compensation budget twice (compensation_requeued 2).
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(240)
 def test_sagas_survive_their_workers_database_sessions_ended(celery_worker, tmp_path):
     report, _out, err = chaos(
         tmp_path,
@@ -430,7 +428,7 @@ def test_sagas_survive_their_workers_database_sessions_ended(celery_worker, tmp_
         "--drop-db-connections",
         "--fail-rate=0.05",
         "--seed=19",
-        "--timeout=360",
+        "--timeout=180",
     )
 
     assert_every_saga_ended(report, 30)
