@@ -392,7 +392,10 @@ class ChaosRun:
                 note=", ".join(notes),
                 force=finished,
             )
-            if finished and self.broker_state != "down":
+            # A worker the run killed is started again before the run ends, as a
+            # supervisor would, even when the others finished the sagas first.
+            restarting = self.pool is not None and bool(self.pool.down_until)
+            if finished and self.broker_state != "down" and not restarting:
                 break
             time.sleep(TICK_S)
         self.elapsed = time.monotonic() - self.started
