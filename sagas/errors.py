@@ -65,6 +65,10 @@ class PoisonMessage(SagaError):
     code = "poison_message"
 
 
+# What a lost or restarted session, or a bounded wait that ran out, raises.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database could not be reached or a bounded wait ran out.
 
@@ -72,4 +76,4 @@ def database_unavailable(exc: BaseException) -> bool:
     is the step's fault, and none left an effect behind (its transaction
     rolled back), so the work is tried again later rather than failed.
     """
-    return isinstance(exc, OperationalError | InterfaceError)
+    return isinstance(exc, DATABASE_UNAVAILABLE)

@@ -13,13 +13,15 @@ set up.
 
 from __future__ import annotations
 
-from django.db import InterfaceError, OperationalError, connection
+from django.db import connection
 from django_celery_results.backends.database import DatabaseBackend
+
+from sagas.errors import database_unavailable
 
 
 class ResilientDatabaseBackend(DatabaseBackend):
     def exception_safe_to_retry(self, exc: BaseException) -> bool:
-        if isinstance(exc, InterfaceError | OperationalError):
+        if database_unavailable(exc):
             connection.close()
             return True
         return super().exception_safe_to_retry(exc)

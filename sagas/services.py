@@ -438,9 +438,8 @@ def sagas_recover_stalled(
         status__in=(Status.RUNNING, Status.COMPENSATING), updated_at__lt=quiet, saga_type__in=known
     )
     seen: set = set()
-    # One read of the broker per sweep: the chains the batches publish are
-    # their own sagas', which no later batch looks at again.
-    present = broker.sagas_in_broker()
+    present: set[str] | None = None
+    read_broker = True
     while time.monotonic() < give_up_at:
         batch = list(
             stalled.exclude(pk__in=seen)
@@ -453,6 +452,10 @@ def sagas_recover_stalled(
         if not batch:
             break
         seen.update(row["id"] for row in batch)
+        if read_broker:
+            # Once per sweep, and only when a saga is quiet: the chains later
+            # batches publish are their own sagas', which no batch looks at again.
+            present, read_broker = broker.sagas_in_broker(), False
         lost = _lost(batch, present)
         for saga in _claim_stalled(stalled, lost):
             definition = registry.get(saga["saga_type"])
@@ -516,9 +519,10 @@ def _claim_stalled(stalled, ids: list) -> list[dict]:
 
 def _bound_compensations(unbounded) -> None:
     """Give compensating sagas that have no deadline (begun before there were any) one from now."""
-    for definition in registry.all():
-        unbounded.filter(saga_type=definition.name).update(
-            compensation_deadline=Now() + timedelta(seconds=definition.compensation_deadline_s)
+    for saga_type in set(unbounded.values_list("saga_type", flat=True)):  # usually none
+        unbounded.filter(saga_type=saga_type).update(
+            compensation_deadline=Now()
+            + timedelta(seconds=registry.get(saga_type).compensation_deadline_s)
         )
 
 

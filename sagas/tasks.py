@@ -19,11 +19,11 @@ from typing import Any
 from celery import shared_task
 from celery.exceptions import TimeLimitExceeded
 from django.conf import settings
-from django.db import InterfaceError, OperationalError
 
 from sagas import retention, services
 from sagas.canvas import COMPENSATION_FAILED, FINISH_COMPENSATION, STEP_FAILED
 from sagas.definitions import SagaDefinition, Step, registry
+from sagas.errors import DATABASE_UNAVAILABLE
 from sagas.runtime import run_action, run_compensation
 
 # Saga-level tasks (errbacks, finishing, recovery) retry database errors (a
@@ -31,7 +31,7 @@ from sagas.runtime import run_action, run_compensation
 # backoff: losing one would leave its saga to the sweeper.
 SAGA_TASK_OPTIONS = {
     "acks_late": True,
-    "autoretry_for": (OperationalError, InterfaceError),
+    "autoretry_for": DATABASE_UNAVAILABLE,
     "retry_backoff": 1,
     "retry_backoff_max": 30,
     "retry_jitter": True,

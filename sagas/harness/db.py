@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from django.db import InterfaceError, OperationalError, connection
+from django.db import connection
+
+from sagas.errors import DATABASE_UNAVAILABLE
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +26,7 @@ FIRST_WAIT_S = 0.2
 LONGEST_WAIT_S = 3.0
 RETRY_BUDGET_S = 90.0  # a restart of a local PostgreSQL takes seconds; a stuck one, longer
 
-CONNECTION_ERRORS = (OperationalError, InterfaceError)
+CONNECTION_ERRORS = DATABASE_UNAVAILABLE
 
 
 class DatabaseUnavailable(Exception):
