@@ -2,24 +2,29 @@
 
 A step that stays inside our database runs in one transaction that
 
-1. locks the saga row (``SELECT ... FOR UPDATE``) and decides from its status
-   and counters whether this delivery is the first, a duplicate, or too late;
+1. claims the saga with one conditional ``UPDATE ... RETURNING``
+   (``sagas.barrier``): it checks the status and counter, moves the counter
+   and keeps the row locked until the step commits, so a redelivered or
+   concurrent copy waits and then finds the counter moved, an action that
+   arrives after compensation began finds the status changed, and the
+   errback's claim (an UPDATE of the same row) waits for a running step;
 2. runs the step's effect;
-3. moves the counter with a conditional UPDATE and appends the SUCCEEDED (or
-   SKIPPED) SagaLog row, whose partial unique index is the barrier.
+3. appends the SUCCEEDED (or SKIPPED) SagaLog row, whose partial unique
+   index backs the barrier.
 
-So a redelivered or concurrent copy finds the counter moved and does nothing,
-an action that arrives after compensation began does nothing, and the errback's
-claim (an UPDATE of the same row) waits for a running step to commit. That is
-three statements of bookkeeping per step beyond the step's own writes.
+That is two statements of bookkeeping per step beyond the step's own writes.
+A claim that matches nothing reads the row (under its lock) to say why:
+already done, not due yet, or too late.
 
 An *external* step (``Step(external=True)``: a call to another company's
 system, such as the payment gateway) must not hold a transaction or the saga
 row while that call is out, so it runs in three parts: the same checks on a
-plain read; the effect, with no transaction open (the call carries an
-idempotency key, so two copies running at once are harmless); then a short
-transaction that checks again and moves the counter. A copy that finds the
-saga compensated while its own effect (or an earlier copy's) may have landed
+plain read, with its in-flight STARTED row written if the step is due; the
+effect, with no transaction open (the call carries an idempotency key, so two
+copies running at once are harmless); then the conditional move of the
+counter, which closes the STARTED row with the outcome. On PostgreSQL the
+first and last parts are one statement each. A copy that finds the saga
+compensated while its own effect (or an earlier copy's) may have landed
 undoes it at once, through the step's compensation, if no compensation of
 the saga is still going to.
 """
@@ -37,11 +42,9 @@ from celery import Task
 from celery.exceptions import Ignore, Retry, SoftTimeLimitExceeded
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F
-from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
-from sagas import faults
+from sagas import barrier, faults
 from sagas.definitions import RetryPolicy, SagaDefinition, Step
 from sagas.errors import EffectUncertain, PoisonMessage, database_unavailable
 from sagas.models import Saga, SagaLog
@@ -50,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 ACTION = SagaLog.Phase.ACTION
 COMPENSATION = SagaLog.Phase.COMPENSATION
+# What an attempt's outcome writes over its STARTED row.
+CLOSING_FIELDS = barrier.CLOSING_FIELDS
 
 
 class _Outcome(Exception):
@@ -109,14 +114,19 @@ class _Attempt:
         delivery = getattr(self.task.request, "delivery_info", None) or {}
         return bool(delivery.get("redelivered"))
 
+    @property
+    def last(self) -> bool:
+        return self.index == len(self.definition.steps) - 1
+
     def mark_started(self) -> None:
         """Record, before an external call goes out, that its effect may land from now on."""
         self.called_out = True
         self.marker = self.log(SagaLog.Status.STARTED, may_have_effect=True)
 
-    def log(
+    def row(
         self, status: str, *, error: str = "", result: Any = None, may_have_effect: bool = False
     ) -> SagaLog:
+        """This attempt's log row with ``status``, not saved: the open marker if there is one."""
         finished = timezone.now()
         if self.marker is not None:
             # Kept, not dropped: if the transaction that closed it rolls back,
@@ -125,18 +135,8 @@ class _Attempt:
             row.status, row.error, row.result = status, error, result
             row.may_have_effect = may_have_effect
             row.finished_at, row.duration_ms = finished, elapsed_ms(self.started, finished)
-            row.save(
-                update_fields=[
-                    "status",
-                    "error",
-                    "result",
-                    "may_have_effect",
-                    "finished_at",
-                    "duration_ms",
-                ]
-            )
             return row
-        return SagaLog.objects.create(
+        return SagaLog(
             saga_id=self.saga_id,
             step=self.name,
             step_index=self.index,
@@ -153,6 +153,17 @@ class _Attempt:
             error=error,
             result=result,
         )
+
+    def log(
+        self, status: str, *, error: str = "", result: Any = None, may_have_effect: bool = False
+    ) -> SagaLog:
+        """Write this attempt's log row (close the open marker, if any) with ``status``."""
+        row = self.row(status, error=error, result=result, may_have_effect=may_have_effect)
+        if row is self.marker:
+            row.save(update_fields=CLOSING_FIELDS)
+        else:
+            row.save(force_insert=True)
+        return row
 
     def reply(self, status: str) -> dict[str, Any]:
         return {"saga_id": str(self.saga_id), "step": self.name, "outcome": status}
@@ -185,14 +196,12 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
             _external_action(attempt)
         else:
             with transaction.atomic():
-                saga = _lock(saga_id)
-                _raise_if(_action_not_due(attempt, saga))
+                saga = _claim_action(attempt)
                 faults.before_action(
                     saga, step.name, attempt.number, first_delivery=attempt.first_delivery
                 )
-                if not _commit_action(attempt, saga, step.action(saga)):
-                    # Lost a race the row lock cannot prevent (SQLite).
-                    raise _Outcome(SagaLog.Status.DUPLICATE, "already done", continue_chain=True)
+                result = step.action(saga)
+                attempt.log(SagaLog.Status.SUCCEEDED, result=result)
     except _Outcome as outcome:
         return _settle(attempt, outcome)
     except (Ignore, Retry):
@@ -205,19 +214,55 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
     return attempt.reply(SagaLog.Status.SUCCEEDED)
 
 
+def _claim_action(attempt: _Attempt) -> Saga:
+    """Move the saga past this action, in the caller's transaction; the saga as claimed.
+
+    Raises the outcome if the action is not due. A claim that matched nothing
+    reads the row under its lock to say why; if the action became due
+    meanwhile (its predecessor committed in between), it claims it then.
+    """
+
+    def claim() -> Saga | None:
+        return barrier.claim_action(
+            attempt.saga_id, index=attempt.index, step=attempt.step.name, last=attempt.last
+        )
+
+    saga = claim()
+    if saga is None:
+        _raise_if(_action_not_due(attempt, _lock(attempt.saga_id)))
+        saga = claim()
+    if saga is None:  # pragma: no cover - the row is locked and due: the claim matches
+        raise _Outcome(SagaLog.Status.IGNORED, "lost the claim", continue_chain=False)
+    return saga
+
+
 def _external_action(attempt: _Attempt) -> None:
     step = attempt.step
-    saga = _read(attempt.saga_id)
-    if outcome := _action_not_due(attempt, saga):
-        raise _undo_stranded_effect(attempt, saga, outcome)
-    faults.before_action(saga, step.name, attempt.number, first_delivery=attempt.first_delivery)
-    attempt.mark_started()
+    saga, attempt.marker = barrier.open_call(
+        attempt.saga_id,
+        index=attempt.index,
+        marker=attempt.row(SagaLog.Status.STARTED, may_have_effect=True),
+    )
+    if saga is None:
+        raise _Outcome(SagaLog.Status.IGNORED, "saga does not exist", continue_chain=False)
+    if attempt.marker is None:
+        if outcome := _action_not_due(attempt, saga):
+            raise _undo_stranded_effect(attempt, saga, outcome)
+        # Due, and not marked yet: a fault plan's faults strike before the mark.
+        faults.before_action(saga, step.name, attempt.number, first_delivery=attempt.first_delivery)
+        attempt.mark_started()
+    attempt.called_out = True
     result = step.action(saga)  # no transaction open: the call may take seconds
-    with transaction.atomic():
-        # The conditional UPDATE is the barrier here: a concurrent copy or the
-        # errback's claim waits for it, then finds the row moved.
-        if _commit_action(attempt, saga, result):
-            return
+    # The conditional UPDATE is the barrier here: a concurrent copy or the
+    # errback's claim waits for it, then finds the row moved.
+    if barrier.close_call(
+        attempt.saga_id,
+        index=attempt.index,
+        step=step.name,
+        last=attempt.last,
+        marker=attempt.row(SagaLog.Status.SUCCEEDED, result=result),
+    ):
+        return
     saga = _read(attempt.saga_id)
     outcome = _action_not_due(attempt, saga) or _Outcome(
         SagaLog.Status.DUPLICATE, "already done", continue_chain=True
@@ -243,33 +288,6 @@ def _action_not_due(attempt: _Attempt, saga: Saga) -> _Outcome | None:
             continue_chain=False,
         )
     return None
-
-
-def _commit_action(attempt: _Attempt, saga: Saga, result: Any) -> bool:
-    """Move the step counter and write the barrier row, in the caller's transaction.
-
-    False, writing nothing, if the counter was not where this step expects it.
-    """
-    index = attempt.index
-    last = index == len(attempt.definition.steps) - 1
-    now = timezone.now()
-    started = saga.started_at or attempt.started
-    moved = Saga.objects.filter(
-        pk=attempt.saga_id,
-        steps_done=index,
-        status__in=(Saga.Status.PENDING, Saga.Status.RUNNING),
-    ).update(
-        steps_done=index + 1,
-        current_step=attempt.step.name,
-        status=Saga.Status.COMPLETED if last else Saga.Status.RUNNING,
-        started_at=Coalesce(F("started_at"), Now()),
-        finished_at=now if last else None,
-        duration_ms=elapsed_ms(started, now) if last else None,
-        updated_at=Now(),
-    )
-    if moved:
-        attempt.log(SagaLog.Status.SUCCEEDED, result=result)
-    return bool(moved)
 
 
 def _undo_stranded_effect(attempt: _Attempt, saga: Saga, outcome: _Outcome) -> _Outcome:
@@ -329,17 +347,20 @@ def run_compensation(
                 saga, attempt.name, attempt.number, first_delivery=attempt.first_delivery
             )
             result = step.compensation(saga)  # no transaction open: the call may take seconds
-            with transaction.atomic():
-                # The conditional UPDATE is the barrier, as for external actions.
-                status = _commit_compensation(attempt, result)
+            row = attempt.row(_undone(result), result=result)
+            # The conditional UPDATE is the barrier, as for external actions.
+            if not barrier.close_compensation_call(
+                saga_id, index=index, name=attempt.name, due_below=_due_below(attempt), row=row
+            ):
+                raise _Outcome(SagaLog.Status.DUPLICATE, "already undone", continue_chain=True)
         else:
             with transaction.atomic():
-                saga = _lock(saga_id)
-                _raise_if(_compensation_not_due(attempt, saga))
+                saga = _claim_compensation(attempt)
                 faults.before_compensation(
                     saga, attempt.name, attempt.number, first_delivery=attempt.first_delivery
                 )
-                status = _commit_compensation(attempt, step.compensation(saga))
+                result = step.compensation(saga)
+                row = attempt.log(_undone(result), result=result)
     except _Outcome as outcome:
         return _settle(attempt, outcome)
     except (Ignore, Retry):
@@ -347,7 +368,41 @@ def run_compensation(
     except Exception as exc:
         _retry_outage(attempt, exc)
         _fail(attempt, exc, step.compensation_retry, uncertain=False)
-    return attempt.reply(status)
+    return attempt.reply(row.status)
+
+
+def _undone(result: Any) -> str:
+    """A compensation that found nothing to undo (None) is SKIPPED."""
+    return SagaLog.Status.SKIPPED if result is None else SagaLog.Status.SUCCEEDED
+
+
+def _due_below(attempt: _Attempt) -> int:
+    """The highest undo cursor at which this compensation is due (see ``barrier``)."""
+    steps = attempt.definition.steps
+    return next(
+        (above for above in range(attempt.index + 1, len(steps)) if steps[above].compensation),
+        len(steps),
+    )
+
+
+def _claim_compensation(attempt: _Attempt) -> Saga:
+    """Move the undo cursor to this compensation in the caller's transaction; see _claim_action."""
+
+    def claim() -> Saga | None:
+        return barrier.claim_compensation(
+            attempt.saga_id,
+            index=attempt.index,
+            name=attempt.name,
+            due_below=_due_below(attempt),
+        )
+
+    saga = claim()
+    if saga is None:
+        _raise_if(_compensation_not_due(attempt, _lock(attempt.saga_id)))
+        saga = claim()
+    if saga is None:  # pragma: no cover - the row is locked and due: the claim matches
+        raise _Outcome(SagaLog.Status.IGNORED, "lost the claim", continue_chain=False)
+    return saga
 
 
 def _compensation_not_due(attempt: _Attempt, saga: Saga) -> _Outcome | None:
@@ -369,17 +424,6 @@ def _compensation_not_due(attempt: _Attempt, saga: Saga) -> _Outcome | None:
             continue_chain=False,
         )
     return None
-
-
-def _commit_compensation(attempt: _Attempt, result: Any) -> str:
-    status = SagaLog.Status.SKIPPED if result is None else SagaLog.Status.SUCCEEDED
-    moved = Saga.objects.filter(
-        pk=attempt.saga_id, status=Saga.Status.COMPENSATING, undo_cursor__gt=attempt.index
-    ).update(undo_cursor=attempt.index, current_step=attempt.name, updated_at=Now())
-    if not moved:
-        raise _Outcome(SagaLog.Status.DUPLICATE, "already undone", continue_chain=True)
-    attempt.log(status, result=result)
-    return status
 
 
 def _settle(attempt: _Attempt, outcome: _Outcome) -> dict:

@@ -327,7 +327,7 @@ def test_a_step_that_cannot_reach_the_database_is_retried_outside_its_budget(tri
     task = OutageTask(retries=3)  # the step's own budget (3 retries) is already spent
     lost = OperationalError("terminating connection due to administrator command")
 
-    with mock.patch("sagas.runtime._lock", side_effect=lost), pytest.raises(Retry):
+    with mock.patch("sagas.barrier.claim_action", side_effect=lost), pytest.raises(Retry):
         act(trip, saga, "reserve_flight", task)
 
     [call] = task.retry_calls
@@ -344,7 +344,7 @@ def test_outage_retries_are_bounded_then_the_step_policy_decides(trip, book, set
     task = OutageTask(retries=5, outages=settings.SAGA_OUTAGE_RETRIES)
     lost = OperationalError("the connection is lost")
 
-    with mock.patch("sagas.runtime._lock", side_effect=lost), pytest.raises(Retry):
+    with mock.patch("sagas.barrier.claim_action", side_effect=lost), pytest.raises(Retry):
         act(trip, saga, "reserve_flight", task)
 
     # 5 retries, all but... none of them the step's: its policy retries once more.
@@ -389,7 +389,7 @@ def test_deliveries_lost_with_their_worker_are_counted_and_bounded(trip, book, s
 
     for _ in range(2):  # came back twice after a crash, then crashed again: nothing committed
         with (
-            mock.patch("sagas.runtime._lock", side_effect=SystemExit("worker died")),
+            mock.patch("sagas.barrier.claim_action", side_effect=SystemExit("worker died")),
             pytest.raises(SystemExit),
         ):
             act(trip, saga, "reserve_flight", OutageTask(redelivered=True))
