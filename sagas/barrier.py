@@ -69,8 +69,26 @@ class MillisecondsSince(Func):
 
 
 def claim_action(saga_id, *, index: int, step: str, last: bool) -> Saga | None:
-    """Move the saga past action ``index`` if it is due there; the row as moved, or None."""
-    return _update_returning(*_action_move(saga_id, index=index, step=step, last=last))
+    """Move the saga past action ``index`` if it is due there; the row as moved, or None.
+
+    The last action's claim makes the saga COMPLETED (seen once the step
+    commits); :func:`end_saga` stamps when it ended, after the step's work.
+    """
+    return _update_returning(*_action_move(saga_id, index=index, step=step, last=last, ended=False))
+
+
+def end_saga(saga_id, *, row: SagaLog) -> None:
+    """Stamp the claimed saga's end and duration and insert its last step's ``row``.
+
+    One statement on PostgreSQL, two elsewhere; in the step's transaction.
+    """
+    ends, values = Saga.objects.filter(pk=saga_id), _ended()
+    if connection.vendor != "postgresql":
+        ends.update(**values)
+        row.save(force_insert=True)
+        return
+    end_sql, end_params = _update_sql(ends, values)
+    _insert_from(f"WITH ended AS ({end_sql} RETURNING 1)", "ended", end_params, row)
 
 
 def claim_compensation(saga_id, *, index: int, name: str, due_below: int) -> Saga | None:
@@ -126,7 +144,7 @@ def close_call(saga_id, *, index: int, step: str, last: bool, marker: SagaLog) -
 
     False, writing nothing, if the counter was not where the action expects it.
     """
-    moves, values = _action_move(saga_id, index=index, step=step, last=last)
+    moves, values = _action_move(saga_id, index=index, step=step, last=last, ended=last)
     fields = CLOSING_FIELDS
     if connection.vendor != "postgresql":
         with transaction.atomic():
@@ -158,36 +176,30 @@ def close_compensation_call(
             row.save(force_insert=True)
         return True
     move_sql, move_params = _update_sql(moves, values)
-    columns, selected, params = _insert_parts(row)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"WITH moved AS ({move_sql} RETURNING 1)"  # noqa: S608 - as in open_call
-            f" INSERT INTO {_qn(SagaLog._meta.db_table)} ({columns})"
-            f" SELECT {selected} FROM moved RETURNING {_qn('id')}",
-            (*move_params, *params),
-        )
-        inserted = cursor.fetchone()
-    if inserted is None:
-        return False
-    row.pk = inserted[0]
-    row._state.adding = False
-    row._state.db = connection.alias
-    return True
+    return _insert_from(f"WITH moved AS ({move_sql} RETURNING 1)", "moved", move_params, row)
 
 
 # --- the statements ------------------------------------------------------------------
 
 
-def _action_move(saga_id, *, index: int, step: str, last: bool) -> tuple[QuerySet, dict]:
+def _action_move(
+    saga_id, *, index: int, step: str, last: bool, ended: bool
+) -> tuple[QuerySet, dict]:
     moves = Saga.objects.filter(pk=saga_id, steps_done=index, status__in=_RUNNABLE)
-    started = Coalesce(F("started_at"), Now())
     return moves, {
         "steps_done": index + 1,
         "current_step": step,
         "status": Status.COMPLETED if last else Status.RUNNING,
-        "started_at": started,
-        "finished_at": Now() if last else None,
-        "duration_ms": MillisecondsSince(started) if last else None,
+        "started_at": Coalesce(F("started_at"), Now()),
+        **(_ended() if ended else {"updated_at": Now()}),
+    }
+
+
+def _ended() -> dict[str, Any]:
+    """The saga ends now, by the database's clock (a NULL start: it started now too)."""
+    return {
+        "finished_at": Now(),
+        "duration_ms": MillisecondsSince(Coalesce(F("started_at"), Now())),
         "updated_at": Now(),
     }
 
@@ -231,6 +243,24 @@ def _insert_parts(row: SagaLog) -> tuple[str, str, list]:
     params = [field.get_db_prep_save(field.pre_save(row, add=True), connection) for field in fields]
     columns = ", ".join(_qn(field.column) for field in fields)
     return columns, ", ".join(["%s"] * len(fields)), params
+
+
+def _insert_from(with_clause: str, source: str, with_params: tuple, row: SagaLog) -> bool:
+    """Run ``with_clause`` and insert ``row`` once per row of its ``source``; whether it was."""
+    columns, selected, params = _insert_parts(row)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"{with_clause} INSERT INTO {_qn(SagaLog._meta.db_table)} ({columns})"  # noqa: S608
+            f" SELECT {selected} FROM {source} RETURNING id",
+            (*with_params, *params),
+        )
+        inserted = cursor.fetchone()
+    if inserted is None:
+        return False
+    row.pk = inserted[0]
+    row._state.adding = False
+    row._state.db = connection.alias
+    return True
 
 
 def _qn(name: str) -> str:

@@ -201,7 +201,11 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
                     saga, step.name, attempt.number, first_delivery=attempt.first_delivery
                 )
                 result = step.action(saga)
-                attempt.log(SagaLog.Status.SUCCEEDED, result=result)
+                if attempt.last:
+                    row = attempt.row(SagaLog.Status.SUCCEEDED, result=result)
+                    barrier.end_saga(saga_id, row=row)  # when it ended: after the work
+                else:
+                    attempt.log(SagaLog.Status.SUCCEEDED, result=result)
     except _Outcome as outcome:
         return _settle(attempt, outcome)
     except (Ignore, Retry):

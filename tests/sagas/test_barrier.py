@@ -87,26 +87,42 @@ class TestClaims:
 
         assert Saga.objects.filter(pk=saga.pk).values().get() == before
 
-    def test_the_last_claim_ends_the_saga_on_the_database_clock(self, make_booking):
+    def test_the_last_claim_completes_the_saga_and_its_end_is_stamped_after_the_work(
+        self, make_booking
+    ):
         saga = _saga(make_booking, steps_done=4, status=Status.RUNNING)
         # Started 1.5 s ago by the database's own clock.
         Saga.objects.filter(pk=saga.pk).update(started_at=timezone.now() - timedelta(seconds=1.5))
 
         claimed = barrier.claim_action(saga.pk, index=4, step="confirm_booking", last=True)
-
         assert (claimed.status, claimed.steps_done) == (Status.COMPLETED, 5)
-        elapsed = (claimed.finished_at - claimed.started_at).total_seconds() * 1000
-        assert 1500 <= claimed.duration_ms <= 1500 + 5000
-        assert abs(claimed.duration_ms - elapsed) <= 2
+        assert claimed.finished_at is None  # the step's work is still to come
+        row = _marker(saga, 4, "confirm_booking")
+        row.status = LogStatus.SUCCEEDED
+        with CaptureQueriesContext(connection) as queries:
+            barrier.end_saga(saga.pk, row=row)
+
+        assert len(queries) == (1 if connection.vendor == "postgresql" else 2)
+        saga.refresh_from_db()
+        elapsed = (saga.finished_at - saga.started_at).total_seconds() * 1000
+        # SQLite keeps the end to the millisecond: up to 1 ms short either way.
+        assert 1500 - 2 <= saga.duration_ms <= 1500 + 5000
+        assert abs(saga.duration_ms - elapsed) <= 2
+        assert SagaLog.objects.get(pk=row.pk).status == LogStatus.SUCCEEDED
 
     def test_a_saga_of_one_step_has_a_duration_of_zero_or_more(self, make_booking):
         saga = _saga(make_booking, steps_done=4)  # PENDING, never started: started_at is NULL
 
         claimed = barrier.claim_action(saga.pk, index=4, step="confirm_booking", last=True)
+        row = _marker(saga, 4, "confirm_booking")
+        row.status = LogStatus.SUCCEEDED
+        barrier.end_saga(saga.pk, row=row)
 
         assert claimed.status == Status.COMPLETED
-        assert claimed.started_at is not None
-        assert claimed.duration_ms >= 0
+        saga.refresh_from_db()
+        assert saga.started_at is not None
+        assert saga.duration_ms >= 0
+        assert saga.finished_at >= saga.started_at
 
     @pytest.mark.parametrize(
         ("cursor", "due"),
