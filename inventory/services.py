@@ -289,6 +289,8 @@ def holds_release(*, references: Sequence[str], first: str = Status.HELD) -> lis
       releases it, taking its units from sold.
     - a crash between statements: the transaction rolls back.
     """
+    if first not in (Status.HELD, Status.CONFIRMED):
+        raise ValueError(f"first must be {Status.HELD} or {Status.CONFIRMED}, not {str(first)!r}")
     second = Status.CONFIRMED if first == Status.HELD else Status.HELD
     pending = _ordered(references)
     now = timezone.now()

@@ -478,6 +478,11 @@ def test_holds_release_tries_the_state_it_is_told_first(make_item, first, update
     assert counts(item) == (5, 0, 0)
 
 
+def test_holds_release_refuses_to_try_a_state_a_hold_cannot_be_released_from():
+    with pytest.raises(ValueError, match="first must be HELD or CONFIRMED, not 'RELEASED'"):
+        services.holds_release(references=["line:1"], first=Hold.Status.RELEASED)
+
+
 def test_holds_reinstate_out_of_stock_leaves_every_hold_released(make_item):
     roomy, tight = make_item(capacity=5), make_item(kind="car", sku="CR-TIGHT", capacity=2)
     services.hold_place(sku=roomy.sku, quantity=1, reference="line:1")
