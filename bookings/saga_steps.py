@@ -3,9 +3,16 @@
 Each step calls one service of the context that owns the effect and runs on
 that context's queue. Every effect is keyed so that running it twice is
 harmless: holds by booking line, payments by an idempotency key per saga.
+What a step needs of the booking (its lines, its total) it reads from its
+saga's context, written with the booking (``bookings.services.trip_plan``),
+not from the booking's rows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import OperationalError
@@ -27,6 +34,8 @@ from sagas.errors import TransientError
 from sagas.models import Saga
 
 KINDS = {"flight": "flight_seat", "hotel": "hotel_room", "car": "car"}
+# A cancelled booking's holds are sold: its releases try that state first.
+SOLD = inventory.Status.CONFIRMED
 
 PAYMENT_RETRY = RetryPolicy(
     max_retries=4,
@@ -52,56 +61,109 @@ def _booking_id(saga: Saga) -> str:
     return saga.context["booking_id"]
 
 
-def _lines(saga: Saga, what: str):
-    return selectors.booking_lines(booking_id=_booking_id(saga), kind=KINDS[what])
+@dataclass(frozen=True)
+class TripLine:
+    """What a step needs of a booking line: its kind, what it holds and the hold's reference."""
+
+    kind: str
+    sku: str
+    quantity: int
+    hold: str
+
+
+def trip_lines(context: dict[str, Any], what: str | None = None) -> list[TripLine]:
+    """The booking's lines (of kind ``what``: flight, hotel, car), oldest first.
+
+    From the saga's context, which ``booking_create`` writes with them
+    (``trip_plan``); a saga started before its context carried them reads
+    them from the booking.
+    """
+    kind = KINDS[what] if what is not None else None
+    if "lines" not in context:
+        lines = selectors.booking_lines(booking_id=context["booking_id"], kind=kind)
+        return [TripLine(line.kind, line.sku, line.quantity, line.hold_reference) for line in lines]
+    return [
+        TripLine(line["kind"], line["sku"], line["quantity"], line["hold"])
+        for line in context["lines"]
+        if kind is None or line["kind"] == kind
+    ]
+
+
+def trip_reserve(lines: list[TripLine]) -> dict:
+    """Hold every line's units in one call (the reserve steps, and the bench's bare chain)."""
+    holds = inventory.holds_place(
+        requests=[
+            inventory.HoldRequest(sku=line.sku, quantity=line.quantity, reference=line.hold)
+            for line in lines
+        ]
+    )
+    return {"held": [hold.reference for hold in holds]}
+
+
+def trip_charge(context: dict[str, Any], *, idempotency_key: str):
+    """Charge the booking's total: from the context if it carries it, else from the booking."""
+    booking_id = context["booking_id"]
+    if "total" in context:
+        amount, currency = Decimal(context["total"]), context["currency"]
+    else:
+        booking = selectors.booking_get(booking_id=booking_id)
+        amount, currency = booking.total, booking.currency
+    return payments.charge_create(
+        amount=amount,
+        currency=currency,
+        card_token=context["card_token"],
+        idempotency_key=idempotency_key,
+        reference=f"booking:{booking_id}",
+    )
+
+
+def trip_confirm(booking_id: str, lines: list[TripLine]) -> None:
+    """Sell every line's held units and confirm the booking, or raise."""
+    inventory.holds_confirm(references=[line.hold for line in lines])
+    if not booking_move(
+        booking_id=booking_id, source=Booking.Status.PENDING, target=Booking.Status.CONFIRMED
+    ):
+        raise RuntimeError(f"booking {booking_id} is no longer pending")
 
 
 def _reserve(what: str):
     def reserve(saga: Saga) -> dict:
-        holds = [
-            inventory.hold_place(
-                sku=line.sku, quantity=line.quantity, reference=line.hold_reference
-            )
-            for line in _lines(saga, what)
-        ]
-        return {"held": [hold.reference for hold in holds]}
+        return trip_reserve(trip_lines(saga.context, what))
 
     reserve.__name__ = f"reserve_{what}"
     return reserve
 
 
-def _each_hold(name: str, service, what: str):
-    """Step ``<name>_<what>``: ``service`` on each hold of one kind; None if none changed."""
+def _release(what: str, *, first: str = inventory.Status.HELD):
+    """Step ``release_<what>``: give the units of the holds of one kind back; None if none moved.
 
-    def step(saga: Saga) -> dict | None:
-        changed = [
-            hold.reference
-            for line in _lines(saga, what)
-            if (hold := service(reference=line.hold_reference)) is not None
-        ]
-        return {"holds": changed} if changed else None
+    ``first`` is the state the holds are expected in: HELD when a trip is
+    undone, CONFIRMED when a booking is cancelled.
+    """
 
-    step.__name__ = f"{name}_{what}"
-    return step
+    def release(saga: Saga) -> dict | None:
+        released = inventory.holds_release(
+            references=[line.hold for line in trip_lines(saga.context, what)], first=first
+        )
+        return {"holds": [hold.reference for hold in released]} if released else None
 
-
-def _release(what: str):
-    return _each_hold("release", inventory.hold_release, what)
+    release.__name__ = f"release_{what}"
+    return release
 
 
 def _reinstate(what: str):
-    return _each_hold("reinstate", inventory.hold_reinstate, what)
+    def reinstate(saga: Saga) -> dict | None:
+        holds = inventory.holds_reinstate(
+            references=[line.hold for line in trip_lines(saga.context, what)]
+        )
+        return {"holds": [hold.reference for hold in holds]} if holds else None
+
+    reinstate.__name__ = f"reinstate_{what}"
+    return reinstate
 
 
 def charge_payment(saga: Saga) -> dict:
-    booking = selectors.booking_get(booking_id=_booking_id(saga))
-    charge = payments.charge_create(
-        amount=booking.total,
-        currency=booking.currency,
-        card_token=saga.context["card_token"],
-        idempotency_key=charge_key(saga.id),
-        reference=f"booking:{booking.id}",
-    )
+    charge = trip_charge(saga.context, idempotency_key=charge_key(saga.id))
     return {"charge": charge.gateway_charge_id, "amount": str(charge.amount)}
 
 
@@ -117,12 +179,7 @@ def refund_payment(saga: Saga) -> dict | None:
 
 def confirm_booking(saga: Saga) -> dict:
     booking_id = _booking_id(saga)
-    for line in selectors.booking_lines(booking_id=booking_id):
-        inventory.hold_confirm(reference=line.hold_reference)
-    if not booking_move(
-        booking_id=booking_id, source=Booking.Status.PENDING, target=Booking.Status.CONFIRMED
-    ):
-        raise RuntimeError(f"booking {booking_id} is no longer pending")
+    trip_confirm(booking_id, trip_lines(saga.context))
     return {"booking": booking_id, "status": Booking.Status.CONFIRMED}
 
 
@@ -253,9 +310,16 @@ booking_cancellation = SagaDefinition(
             uncertain_on=(GatewayTimeout,),
             external=True,
         ),
-        Step("release_car", _release("car"), _reinstate("car"), queue="inventory"),
-        Step("release_hotel", _release("hotel"), _reinstate("hotel"), queue="inventory"),
-        Step("release_flight", _release("flight"), _reinstate("flight"), queue="inventory"),
+        Step("release_car", _release("car", first=SOLD), _reinstate("car"), queue="inventory"),
+        Step(
+            "release_hotel", _release("hotel", first=SOLD), _reinstate("hotel"), queue="inventory"
+        ),
+        Step(
+            "release_flight",
+            _release("flight", first=SOLD),
+            _reinstate("flight"),
+            queue="inventory",
+        ),
         Step("mark_cancelled", mark_cancelled, queue="bookings"),
     ],
     on_compensated=restore_booking,

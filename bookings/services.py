@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -113,33 +113,88 @@ def booking_create(
         total=total,
         currency=payment.currency,
     )
-    context: dict[str, Any] = {"booking_id": str(booking.id), "card_token": payment.card_token}
-    if chaos:
-        context["chaos"] = chaos
-    saga = saga_start(
-        saga_type=TRIP_BOOKING, business_key=f"booking:{booking.id}", context=context, owner=user
-    )
-    booking.saga_id = saga.id
-    return booking_rows_write(booking=booking, items=items, lines=lines)
 
-
-def booking_rows_write(*, booking: Booking, items: dict, lines: list[LineRequest]) -> Booking:
-    """Insert a validated booking and its lines, priced from ``items`` (sku -> ItemInfo)."""
-    booking.full_clean()
-    booking.save(force_insert=True)
-    BookingLine.objects.bulk_create(
-        BookingLine(
-            booking=booking,
-            sku=line.sku,
-            kind=items[line.sku].kind,
-            name=items[line.sku].name,
-            quantity=line.quantity,
-            unit_price=items[line.sku].price,
-            currency=items[line.sku].currency,
+    def start_saga(plan: dict[str, Any]):
+        context: dict[str, Any] = {
+            "booking_id": str(booking.id),
+            "card_token": payment.card_token,
+            **plan,
+        }
+        if chaos:
+            context["chaos"] = chaos
+        return saga_start(
+            saga_type=TRIP_BOOKING,
+            business_key=f"booking:{booking.id}",
+            context=context,
+            owner=user,
         )
-        for line in lines
+
+    booking, _plan = booking_rows_write(
+        booking=booking, items=items, lines=lines, start_saga=start_saga
     )
     return booking
+
+
+def booking_rows_write(
+    *,
+    booking: Booking,
+    items: dict,
+    lines: list[LineRequest],
+    start_saga: Callable[[dict[str, Any]], Any] | None = None,
+) -> tuple[Booking, dict[str, Any]]:
+    """Insert a validated booking and its lines, priced from ``items`` (sku -> ItemInfo).
+
+    Returns the booking and its trip plan (``trip_plan``). ``start_saga``, if
+    given, is called with the plan and returns the booking's saga, whose id
+    goes on the booking row. The lines go in first, since their ids name the
+    holds the plan carries; the booking row follows in the same transaction
+    (the lines' foreign key is checked at commit).
+    """
+    booking.full_clean()
+    # One transaction (the caller's, if open: no savepoint), or the lines
+    # would commit before the booking they point to.
+    with transaction.atomic(savepoint=False):
+        created = BookingLine.objects.bulk_create(
+            BookingLine(
+                booking=booking,
+                sku=line.sku,
+                kind=items[line.sku].kind,
+                name=items[line.sku].name,
+                quantity=line.quantity,
+                unit_price=items[line.sku].price,
+                currency=items[line.sku].currency,
+            )
+            for line in lines
+        )
+        plan = trip_plan(booking=booking, lines=created)
+        if start_saga is not None:
+            booking.saga_id = start_saga(plan).id
+        booking.save(force_insert=True)
+    return booking, plan
+
+
+def trip_plan(*, booking: Booking, lines: Iterable[BookingLine]) -> dict[str, Any]:
+    """What the trip's steps need of a booking, for its saga's context (JSON).
+
+    The total to charge, and per line its kind, SKU, quantity and hold
+    reference. Written once, with the booking and its lines, which nothing
+    changes afterwards, so a step finds it in the saga row that the step
+    wrapper reads anyway instead of reading the booking again
+    (``bookings.saga_steps.trip_lines``).
+    """
+    return {
+        "total": str(booking.total),
+        "currency": booking.currency,
+        "lines": [
+            {
+                "kind": line.kind,
+                "sku": line.sku,
+                "quantity": line.quantity,
+                "hold": line.hold_reference,
+            }
+            for line in lines
+        ],
+    }
 
 
 @dataclass(frozen=True)
@@ -214,6 +269,10 @@ def booking_cancel(*, booking_id, chaos: dict[str, Any] | None = None) -> Bookin
         "card_token": trip.context.get("card_token", ""),
         "charge_key": charge_key(booking.saga_id),
     }
+    # The trip's lines, if its context carries them: the releases and
+    # reinstatements then read no booking lines either.
+    if "lines" in trip.context:
+        context["lines"] = trip.context["lines"]
     if chaos:
         context["chaos"] = chaos
     saga = saga_start(

@@ -1,18 +1,41 @@
 """Writes of inventory: items and holds on their stock.
 
-Every counter change is a conditional UPDATE with F() expressions, and every
-hold status change is an UPDATE ``WHERE status = <expected>``. On PostgreSQL a
-concurrent UPDATE of the same row waits and then re-evaluates its WHERE clause
-against the committed row, so two callers can never both take the last unit nor
-both move one hold. Rows are touched in one order (hold, then item) so
-concurrent calls cannot deadlock.
+The hold services take many references at once (``holds_place``,
+``holds_confirm``, ``holds_release``, ``holds_reinstate``; ``hold_*`` are the
+same for one reference) and do one thing per statement: the holds change state
+in one conditional ``UPDATE ... WHERE status = <expected> RETURNING`` (or, to
+place them, ``INSERT ... ON CONFLICT DO NOTHING RETURNING``), then each item's
+counters move in one conditional UPDATE with F() expressions. Nothing is read
+before it is written; only a reference the write did not return costs a read,
+to tell why (held before, already moved, missing).
+
+Concurrency. On PostgreSQL a concurrent UPDATE of the same row waits and then
+re-evaluates its WHERE clause against the committed row, and a concurrent
+INSERT of the same reference waits on the unique index, so two callers can
+never both take the last unit nor both move one hold: the conditional writes
+are the race guard. Rows are locked in one order, holds (by reference to
+insert them, by id to move them) before items (by id), so two calls cannot
+deadlock whatever references they name, in whatever order.
+
+Transactions. A service runs in the caller's transaction when one is open (a
+saga step's) and in one of its own otherwise; never in a savepoint. A crash
+between two statements rolls back the transaction, the call's writes with it.
+A domain error (``InventoryError``) leaves nothing of the call behind even when
+the caller catches it and commits: the call undoes its own writes before
+raising. Any other error marks the caller's transaction for rollback, so
+nothing half done can be committed.
 """
 
 from __future__ import annotations
 
+import functools
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
+from typing import ParamSpec, TypeVar
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -20,6 +43,7 @@ from inventory.errors import (
     HoldNotFound,
     InvalidHoldState,
     InvalidQuantity,
+    InventoryError,
     OutOfStock,
     UnknownItem,
 )
@@ -30,6 +54,35 @@ Status = Hold.Status
 # A hold changes state at most a few times; more lost races than this in one
 # call means something keeps moving it, and the caller had better retry.
 _MAX_RACES = 5
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _one_transaction(service: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``service`` in the caller's transaction if one is open, else in its own.
+
+    Never a savepoint: a saga step's transaction is already the unit. The
+    service must undo its own writes before raising an ``InventoryError``, so
+    that a caller who catches one may go on; any other error marks the
+    caller's transaction for rollback (a caller that must survive those keeps
+    a savepoint of its own: ``with transaction.atomic(): ...``).
+    """
+
+    @functools.wraps(service)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if not transaction.get_connection().in_atomic_block:
+            with transaction.atomic():
+                return service(*args, **kwargs)
+        try:
+            return service(*args, **kwargs)
+        except InventoryError:
+            raise
+        except BaseException:
+            transaction.set_rollback(True)
+            raise
+
+    return run
 
 
 @transaction.atomic
@@ -85,136 +138,373 @@ def item_upsert(
         return existing, False
 
 
-@transaction.atomic
+@dataclass(frozen=True)
+class HoldRequest:
+    """``quantity`` units of ``sku`` to hold under ``reference`` (the caller's handle)."""
+
+    sku: str
+    quantity: int
+    reference: str
+
+
 def hold_place(*, sku: str, quantity: int, reference: str) -> Hold:
-    """Move ``quantity`` units of ``sku`` from available to held.
+    """Move ``quantity`` units of ``sku`` from available to held (``holds_place`` for one)."""
+    return holds_place(requests=[HoldRequest(sku=sku, quantity=quantity, reference=reference)])[0]
 
-    Idempotent by ``reference``: if a hold with it exists, it is returned
-    unchanged, whatever its state.
+
+@_one_transaction
+def holds_place(*, requests: Sequence[HoldRequest]) -> list[Hold]:
+    """Hold each request's units, moving them from available to held.
+
+    Returns the holds in the order of ``requests``. Idempotent by reference:
+    a reference that has a hold gets it back unchanged, whatever its state.
+    ``UnknownItem`` or ``OutOfStock`` (naming the first item short of stock,
+    in id order) leave no hold and no counter changed by the call.
+
+    Statements: one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING RETURNING``
+    per request, then one conditional UPDATE per item; a reference whose
+    INSERT returned nothing (held before, or an unknown SKU) adds one read.
+
+    Interleavings it survives:
+    - a duplicate call: its INSERT finds the reference taken and returns
+      nothing; the read returns the first call's hold; no counter moves.
+    - two calls with one reference at once: the second INSERT waits on the
+      unique index until the first commits (then it does nothing, as above)
+      or rolls back (then it holds as if alone).
+    - two calls for the last units: the second counter UPDATE waits for the
+      first's row lock, re-evaluates ``available >= quantity`` against the
+      committed row and takes nothing: ``OutOfStock``.
+    - a crash between statements: the transaction rolls back, holds and
+      counters together.
+    - a caller that catches ``OutOfStock`` or ``UnknownItem`` and commits: the
+      call deleted its holds and gave back what it took before raising.
     """
-    if isinstance(quantity, bool) or not isinstance(quantity, int) or quantity < 1:
-        raise InvalidQuantity(quantity)
-    existing = Hold.objects.filter(reference=reference).first()
-    if existing is not None:
-        return existing
-    item_id = Item.objects.filter(sku=sku).values_list("pk", flat=True).first()
-    if item_id is None:
-        raise UnknownItem(sku)
-
-    # The hold row goes in first: a concurrent call with the same reference
-    # waits on the unique index here, before either touches the counters.
+    for request in requests:
+        if (
+            isinstance(request.quantity, bool)
+            or not isinstance(request.quantity, int)
+            or request.quantity < 1
+        ):
+            raise InvalidQuantity(request.quantity)
+    now = timezone.now()
+    placed: dict[str, Hold] = {}
+    # By reference: two calls naming the same references insert them in one
+    # order, so neither waits on a reference the other waits for.
+    for request in sorted(requests, key=lambda request: request.reference):
+        if request.reference not in placed:
+            for hold in _holds_returned(
+                _insert_sql(),
+                [request.quantity, request.reference, Status.HELD, now, now, request.sku],
+            ):
+                placed[hold.reference] = hold
+    new = list(placed.values())
+    found: dict[str, Hold] = {}
+    missing = [request for request in requests if request.reference not in placed]
+    if missing:
+        references = [request.reference for request in missing]
+        found = {hold.reference: hold for hold in Hold.objects.filter(reference__in=references)}
+        unknown = next((request for request in missing if request.reference not in found), None)
+        if unknown is not None:
+            _holds_delete(new)
+            raise UnknownItem(unknown.sku)
     try:
-        with transaction.atomic():
-            hold = Hold.objects.create(
-                item_id=item_id, quantity=quantity, reference=reference, status=Status.HELD
-            )
-    except IntegrityError:
-        existing = Hold.objects.filter(reference=reference).first()
-        if existing is None:
-            raise
-        return existing
-
-    taken = Item.objects.filter(pk=item_id, available__gte=quantity).update(
-        available=F("available") - quantity,
-        held=F("held") + quantity,
-        updated_at=timezone.now(),
-    )
-    if not taken:
-        # Raising rolls back this function's transaction, hold row included.
-        available = Item.objects.filter(pk=item_id).values_list("available", flat=True).get()
-        raise OutOfStock(sku, quantity, available)
-    return hold
+        _counters_shift(_shifts(new, available=-1, held=+1), now=now)
+    except OutOfStock:
+        _holds_delete(new)
+        raise
+    return [placed.get(request.reference) or found[request.reference] for request in requests]
 
 
-@transaction.atomic
 def hold_confirm(*, reference: str) -> Hold:
-    """HELD -> CONFIRMED: the held units become sold. Confirming twice is a no-op."""
-    for _ in range(_MAX_RACES):
-        hold = _hold_get(reference=reference)
-        if hold.status == Status.CONFIRMED:
-            return hold
-        if hold.status != Status.HELD:
-            raise InvalidHoldState(reference, hold.status, "confirmed")
-        if _hold_move(hold=hold, source=Status.HELD, target=Status.CONFIRMED, held=-1, sold=+1):
-            return hold
-    raise _too_many_races(reference=reference, action="confirmed")
+    """HELD -> CONFIRMED: the held units become sold (``holds_confirm`` for one)."""
+    return holds_confirm(references=[reference])[0]
 
 
-@transaction.atomic
+@_one_transaction
+def holds_confirm(*, references: Sequence[str]) -> list[Hold]:
+    """HELD -> CONFIRMED for the holds of ``references``: their held units become sold.
+
+    Returns the holds in the order given. Confirming a confirmed hold is a
+    no-op that returns it. ``HoldNotFound`` or ``InvalidHoldState`` (for the
+    first offending reference given) leave every hold and counter as it was.
+
+    Statements: one UPDATE of the holds, one per item; holds the UPDATE did
+    not move (confirmed before, missing, released) add one read.
+
+    Interleavings it survives:
+    - a duplicate call: its UPDATE moves nothing; the read finds the holds
+      CONFIRMED and returns them; no counter moves.
+    - two calls at once: the second UPDATE waits on the hold rows, re-checks
+      ``status = 'HELD'`` against the committed rows and moves none of them;
+      it reads them CONFIRMED, as above.
+    - a hold placed or released between the UPDATE and the read: placed (now
+      HELD) is moved by another UPDATE; released is ``InvalidHoldState``.
+    - a crash between statements: the transaction rolls back.
+    - a caller that catches the error and commits: the holds this call moved
+      were moved back before raising, and no counter had moved yet.
+    """
+    now = timezone.now()
+    moved, already = _holds_move_all(
+        references,
+        source=Status.HELD,
+        target=Status.CONFIRMED,
+        action="confirmed",
+        missing_ok=False,
+        now=now,
+    )
+    _counters_shift(_shifts(moved, held=-1, sold=+1), now=now)
+    holds = {hold.reference: hold for hold in [*moved, *already]}
+    return [holds[reference] for reference in references]
+
+
 def hold_release(*, reference: str) -> Hold | None:
-    """Give a held or sold hold's units back to available.
+    """Give a held or sold hold's units back (``holds_release`` for one).
 
     Returns the hold if this call released it, ``None`` if there is no such
     hold or it was already released: the caller's compensation had nothing to
     undo.
     """
-    for _ in range(_MAX_RACES):
-        hold = Hold.objects.filter(reference=reference).first()
-        if hold is None or hold.status == Status.RELEASED:
-            return None
-        counter = "held" if hold.status == Status.HELD else "sold"
-        if _hold_move(
-            hold=hold, source=hold.status, target=Status.RELEASED, **{counter: -1, "available": +1}
-        ):
-            return hold
-    raise _too_many_races(reference=reference, action="released")
+    released = holds_release(references=[reference])
+    return released[0] if released else None
 
 
-@transaction.atomic
+@_one_transaction
+def holds_release(*, references: Sequence[str], first: str = Status.HELD) -> list[Hold]:
+    """HELD or CONFIRMED -> RELEASED: give the units of the holds of ``references`` back.
+
+    Returns the holds this call released, in the order given; a reference
+    with no hold, or an already released one, is left out (nothing to undo).
+    ``first`` is the state most of the holds are expected in (HELD for a
+    reservation undone, CONFIRMED for a sale cancelled): the holds in it move
+    in one UPDATE, and those in the other state take a second one only if
+    any reference is left.
+
+    Statements: one or two UPDATEs of the holds, one UPDATE per item.
+
+    Interleavings it survives:
+    - a duplicate call: neither UPDATE matches a RELEASED hold; nothing moves.
+    - two calls at once: the second waits on the hold rows, re-checks their
+      status against the committed rows and moves none of them.
+    - a hold confirmed between the two UPDATEs: the second one (CONFIRMED)
+      releases it, taking its units from sold.
+    - a crash between statements: the transaction rolls back.
+    """
+    if first not in (Status.HELD, Status.CONFIRMED):
+        raise ValueError(f"first must be {Status.HELD} or {Status.CONFIRMED}, not {str(first)!r}")
+    second = Status.CONFIRMED if first == Status.HELD else Status.HELD
+    pending = _ordered(references)
+    now = timezone.now()
+    released = {first: _holds_update(pending, source=first, target=Status.RELEASED, now=now)}
+    left = _without(pending, released[first])
+    released[second] = (
+        _holds_update(left, source=second, target=Status.RELEASED, now=now) if left else []
+    )
+    shifts = _shifts(released[Status.HELD], held=-1, available=+1)
+    for item_id, deltas in _shifts(released[Status.CONFIRMED], sold=-1, available=+1).items():
+        for name, delta in deltas.items():
+            shifts[item_id][name] += delta
+    _counters_shift(shifts, now=now)
+    holds = {hold.reference: hold for hold in [*released[first], *released[second]]}
+    return [holds[reference] for reference in _ordered(references, keep=holds)]
+
+
 def hold_reinstate(*, reference: str) -> Hold | None:
+    """RELEASED -> CONFIRMED again (``holds_reinstate`` for one); None if there is no such hold."""
+    reinstated = holds_reinstate(references=[reference])
+    return reinstated[0] if reinstated else None
+
+
+@_one_transaction
+def holds_reinstate(*, references: Sequence[str]) -> list[Hold]:
     """RELEASED -> CONFIRMED again, taking the units back from available.
 
-    Undoes a cancellation. Raises ``OutOfStock`` if the units were sold to
-    someone else in the meantime; ``None`` if there is no such hold; a hold that
-    is already CONFIRMED is returned as it is.
-    """
-    for _ in range(_MAX_RACES):
-        hold = Hold.objects.filter(reference=reference).first()
-        if hold is None:
-            return None
-        if hold.status == Status.CONFIRMED:
-            return hold
-        if hold.status != Status.RELEASED:
-            raise InvalidHoldState(reference, hold.status, "reinstated")
-        if _hold_move(
-            hold=hold, source=Status.RELEASED, target=Status.CONFIRMED, available=-1, sold=+1
-        ):
-            return hold
-    raise _too_many_races(reference=reference, action="reinstated")
+    Undoes a cancellation. Returns the holds that are CONFIRMED now (by this
+    call or before), in the order given; a reference with no hold is left
+    out. ``OutOfStock`` if the units were sold to someone else in the
+    meantime, ``InvalidHoldState`` for a hold still HELD: either leaves every
+    hold and counter as it was.
 
+    Statements: one UPDATE of the holds, one per item; holds the UPDATE did
+    not move add one read.
 
-def _hold_get(*, reference: str) -> Hold:
-    hold = Hold.objects.filter(reference=reference).first()
-    if hold is None:
-        raise HoldNotFound(reference)
-    return hold
-
-
-def _hold_move(*, hold: Hold, source: str, target: str, **signs: int) -> bool:
-    """Move ``hold`` from ``source`` to ``target`` and shift its item's counters.
-
-    ``signs`` maps counter names to +1 or -1 (times the hold's quantity). False
-    if the hold was no longer in ``source``: another call moved it first and the
-    counters were left alone. Must run inside the caller's transaction, so a
-    refused counter update (OutOfStock) also undoes the status change.
+    Interleavings it survives:
+    - a duplicate call: its UPDATE moves nothing; the read finds the holds
+      CONFIRMED and returns them; no counter moves.
+    - two calls at once: the second UPDATE waits on the hold rows and moves
+      none of them (as above).
+    - a call taking the last units at once: the counter UPDATE re-checks
+      ``available >= quantity`` after the other commits: ``OutOfStock``.
+    - a crash between statements: the transaction rolls back.
+    - a caller that catches the error and commits: the holds and counters
+      this call moved were moved back before raising.
     """
     now = timezone.now()
-    moved = Hold.objects.filter(pk=hold.pk, status=source).update(status=target, updated_at=now)
-    if not moved:
-        return False
-    quantity = hold.quantity
-    # Only ``available`` can honestly run short (the units went to someone
-    # else). ``held`` and ``sold`` always cover the hold's own units; if they do
-    # not, the check constraints fail loudly with an IntegrityError.
-    guard = {"available__gte": quantity} if signs.get("available", 0) < 0 else {}
-    changes = {name: F(name) + sign * quantity for name, sign in signs.items()}
-    shifted = Item.objects.filter(pk=hold.item_id, **guard).update(**changes, updated_at=now)
-    if not shifted:
-        item = Item.objects.filter(pk=hold.item_id).values("sku", "available").get()
-        raise OutOfStock(item["sku"], quantity, item["available"])
-    hold.status = target
-    hold.updated_at = now
-    return True
+    moved, already = _holds_move_all(
+        references,
+        source=Status.RELEASED,
+        target=Status.CONFIRMED,
+        action="reinstated",
+        missing_ok=True,
+        now=now,
+    )
+    try:
+        _counters_shift(_shifts(moved, available=-1, sold=+1), now=now)
+    except OutOfStock:
+        _holds_update(
+            _ordered(hold.reference for hold in moved),
+            source=Status.CONFIRMED,
+            target=Status.RELEASED,
+            now=now,
+        )
+        raise
+    holds = {hold.reference: hold for hold in [*moved, *already]}
+    return [holds[reference] for reference in _ordered(references, keep=holds)]
+
+
+# --- the statements ----------------------------------------------------------------
+
+_HOLD_COLUMNS = "id, item_id, quantity, reference, status, created_at, updated_at"
+_INSERTED = "item_id, quantity, reference, status, created_at, updated_at"
+
+
+def _insert_sql() -> str:
+    hold, item = _table(Hold), _table(Item)
+    # Table names come from the models; every value is a parameter. The WHERE
+    # clause also keeps SQLite from reading ON CONFLICT as a join's ON.
+    return (
+        f"INSERT INTO {hold} ({_INSERTED}) "  # noqa: S608
+        f"SELECT id, %s, %s, %s, %s, %s FROM {item} WHERE sku = %s "
+        f"ON CONFLICT (reference) DO NOTHING RETURNING {_HOLD_COLUMNS}"
+    )
+
+
+def _holds_update(references: Sequence[str], *, source: str, target: str, now) -> list[Hold]:
+    """``source`` -> ``target`` for the holds of ``references`` that are in ``source``; the moved.
+
+    The rows are locked in id order first (``ORDER BY id FOR UPDATE``; SQLite
+    has one writer at a time and needs no lock), so two calls over the same
+    holds cannot deadlock. A row changed by a concurrent writer is re-checked
+    against ``source`` once that writer commits, and skipped if it moved.
+    """
+    if not references:
+        return []
+    table = _table(Hold)
+    marks = ", ".join(["%s"] * len(references))
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    sql = (
+        f"UPDATE {table} SET status = %s, updated_at = %s "  # noqa: S608 - as in _insert_sql
+        f"WHERE status = %s AND id IN (SELECT id FROM {table} "
+        f"WHERE reference IN ({marks}) AND status = %s ORDER BY id{lock}) "
+        f"RETURNING {_HOLD_COLUMNS}"
+    )
+    return _holds_returned(sql, [target, now, source, *references, source])
+
+
+def _holds_returned(sql: str, params: list) -> list[Hold]:
+    # raw() turns the RETURNING rows into Holds with the backend's converters;
+    # list() runs the statement exactly once.
+    return list(Hold.objects.raw(sql, params))
+
+
+def _holds_delete(holds: list[Hold]) -> None:
+    if holds:
+        Hold.objects.filter(pk__in=sorted(hold.pk for hold in holds)).delete()
+
+
+def _holds_move_all(
+    references: Sequence[str], *, source: str, target: str, action: str, missing_ok: bool, now
+) -> tuple[list[Hold], list[Hold]]:
+    """Move every hold of ``references`` from ``source`` to ``target``.
+
+    Returns the holds moved by this call and those found in ``target``
+    already. A reference with no hold is left out if ``missing_ok``, else
+    ``HoldNotFound``; a hold in any other state is ``InvalidHoldState``. A hold
+    found in ``source`` after the UPDATE passed it moved there meanwhile (it
+    was placed, say): the UPDATE is tried again for it, up to _MAX_RACES times.
+    On an error, the holds this call moved are moved back before raising.
+    """
+    moved: list[Hold] = []
+    already: list[Hold] = []
+    pending = _ordered(references)
+    for _ in range(_MAX_RACES):
+        moved += _holds_update(pending, source=source, target=target, now=now)
+        pending = _without(pending, moved)
+        if not pending:
+            return moved, already
+        current = {hold.reference: hold for hold in Hold.objects.filter(reference__in=pending)}
+        retry = []
+        for reference in [reference for reference in references if reference in pending]:
+            hold = current.get(reference)
+            if hold is not None and hold.status == target:
+                already.append(hold)
+            elif hold is not None and hold.status == source:
+                retry.append(reference)
+            elif hold is None and missing_ok:
+                continue
+            else:
+                _holds_update(
+                    _ordered(h.reference for h in moved), source=target, target=source, now=now
+                )
+                if hold is None:
+                    raise HoldNotFound(reference)
+                raise InvalidHoldState(reference, hold.status, action)
+        pending = _ordered(retry)
+        if not pending:
+            return moved, already
+    _holds_update(_ordered(h.reference for h in moved), source=target, target=source, now=now)
+    raise _too_many_races(reference=pending[0], action=action)
+
+
+def _counters_shift(shifts: dict[int, dict[str, int]], *, now) -> None:
+    """Shift each item's counters by ``shifts[item_id]`` (counter -> units), items in id order.
+
+    A shift that takes units from ``available`` is conditional on there being
+    enough: if an item has too few, the shifts this call made are reverted
+    and ``OutOfStock`` is raised for that item. ``held`` and ``sold`` always
+    cover the holds' own units; if they do not, the check constraints fail
+    loudly with an IntegrityError.
+    """
+    done: list[int] = []
+    for item_id in sorted(shifts):
+        deltas = {name: delta for name, delta in shifts[item_id].items() if delta}
+        if not deltas:
+            continue
+        needed = -deltas.get("available", 0)
+        guard = {"available__gte": needed} if needed > 0 else {}
+        changes = {name: F(name) + delta for name, delta in deltas.items()}
+        if Item.objects.filter(pk=item_id, **guard).update(**changes, updated_at=now):
+            done.append(item_id)
+            continue
+        item = Item.objects.filter(pk=item_id).values("sku", "available").get()
+        for undone in done:
+            back = {name: F(name) - delta for name, delta in shifts[undone].items() if delta}
+            Item.objects.filter(pk=undone).update(**back, updated_at=now)
+        raise OutOfStock(item["sku"], needed, item["available"])
+
+
+def _shifts(holds: Iterable[Hold], **signs: int) -> defaultdict[int, defaultdict[str, int]]:
+    """Per item, each counter's change: ``signs`` (+1 or -1) times the holds' quantities."""
+    shifts: defaultdict[int, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for hold in holds:
+        for name, sign in signs.items():
+            shifts[hold.item_id][name] += sign * hold.quantity
+    return shifts
+
+
+def _ordered(references: Iterable[str], keep=None) -> list[str]:
+    """Distinct ``references``; sorted, or in the order given if ``keep`` (a filter) is given."""
+    if keep is None:
+        return sorted(set(references))
+    return list(dict.fromkeys(reference for reference in references if reference in keep))
+
+
+def _without(references: list[str], holds: list[Hold]) -> list[str]:
+    done = {hold.reference for hold in holds}
+    return [reference for reference in references if reference not in done]
+
+
+def _table(model) -> str:
+    return connection.ops.quote_name(model._meta.db_table)
 
 
 def _too_many_races(*, reference: str, action: str) -> InvalidHoldState:

@@ -11,6 +11,9 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Case, CharField, F, OuterRef, QuerySet, Subquery, Value, When
+from django.db.models.functions import Cast, Concat
+from django.utils import timezone
 
 from payments.errors import GatewayFaultsUnsupported, InvalidAmount, UnsupportedCurrency
 from payments.gateways import GatewayCharge, GatewayRefund, get_gateway
@@ -64,14 +67,25 @@ def charge_settle(*, idempotency_key: str) -> Charge | None:
 def charge_undo(*, idempotency_key: str, reason: str = "") -> Refund | None:
     """Undo the charge made with ``idempotency_key``, whatever became of it.
 
-    Settles it with the gateway first (``charge_settle``), then refunds what is
-    left under ``refund:<idempotency_key>``, so a second call returns the
-    first call's Refund. None when nothing was (or ever will be) charged.
+    Refunds what is left under ``refund:<idempotency_key>``, so a second call
+    returns the first call's Refund; a charge we have no record of is settled
+    with the gateway first (``charge_settle``). None when nothing was (or ever
+    will be) charged.
+
+    Statements when the charge is ours and has no refund yet: one read of the
+    charge with the refund under the key, then the refund's three writes
+    (``_refund_record``).
     """
-    charge = charge_settle(idempotency_key=idempotency_key)
+    refund_key = f"refund:{idempotency_key}"
+    charge = _with_refund(
+        Charge.objects.filter(idempotency_key=idempotency_key), key=refund_key
+    ).first()
     if charge is None:
-        return None
-    return charge_refund(charge=charge, refund_key=f"refund:{idempotency_key}", reason=reason)
+        settled = charge_settle(idempotency_key=idempotency_key)
+        if settled is None:
+            return None
+        charge = _with_refund(Charge.objects.filter(pk=settled.pk), key=refund_key).get()
+    return _refund_rest(charge, refund_key=refund_key, reason=reason)
 
 
 def charge_refund(*, charge: Charge, refund_key: str, reason: str = "") -> Refund | None:
@@ -82,23 +96,8 @@ def charge_refund(*, charge: Charge, refund_key: str, reason: str = "") -> Refun
     the gateway answers a repeated key with its first refund, so a call whose
     answer was lost is simply made again, and the refund is recorded after.
     """
-    # What the gateway gave back on this charge, whoever asked: a refund whose
-    # answer was lost (another saga's, say) is recorded first, so what is left
-    # to refund is the gateway's figure, not our guess.
-    _refunds_sync(charge)
-    # The charge first: a refund recorded under this key since commits with the
-    # charge's new total, so it is found below rather than "nothing left".
-    charge = Charge.objects.get(pk=charge.pk)  # what other refunds left, fresh
-    existing = Refund.objects.filter(idempotency_key=refund_key).first()
-    if existing is not None:
-        return existing
-    refundable = charge.amount - charge.refunded_amount
-    if refundable <= 0:
-        return None
-    gateway_refund = get_gateway().refund(
-        charge_id=charge.gateway_charge_id, amount=refundable, idempotency_key=refund_key
-    )
-    return _refund_record(charge=charge, gateway_refund=gateway_refund, reason=reason)
+    charge = _with_refund(Charge.objects.filter(pk=charge.pk), key=refund_key).get()
+    return _refund_rest(charge, refund_key=refund_key, reason=reason)
 
 
 def charges_refund_all(*, reference: str, refund_key_prefix: str, reason: str) -> list[Refund]:
@@ -109,8 +108,8 @@ def charges_refund_all(*, reference: str, refund_key_prefix: str, reason: str) -
     refunds nothing twice: each charge's refund key is fixed.
     """
     refunds = [
-        charge_refund(charge=charge, refund_key=_keyed(refund_key_prefix, charge), reason=reason)
-        for charge in _charges_of(reference)
+        _refund_rest(charge, refund_key=_keyed(refund_key_prefix, charge), reason=reason)
+        for charge in _charges_of(reference, refund_key_prefix=refund_key_prefix)
     ]
     return [refund for refund in refunds if refund is not None]
 
@@ -127,10 +126,11 @@ def charges_restore(
     """
     gateway = get_gateway()
     charges = []
-    for charge in _charges_of(reference):
-        key = _keyed(refund_key_prefix, charge)
-        refund = Refund.objects.filter(idempotency_key=key).first()
-        if refund is None:
+    for charge in _charges_of(reference, refund_key_prefix=refund_key_prefix):
+        if charge.keyed_refund_id is not None:
+            refund = Refund.objects.get(pk=charge.keyed_refund_id)
+        else:
+            key = _keyed(refund_key_prefix, charge)
             gateway_refund = gateway.lookup_refund(idempotency_key=key)
             if gateway_refund is None:
                 continue
@@ -151,10 +151,73 @@ def _keyed(prefix: str, charge: Charge) -> str:
     return f"{prefix}:{charge.pk}"
 
 
-def _charges_of(reference: str) -> list[Charge]:
-    """Every charge of ``reference``, oldest first, with the gateway's unknown to us recorded."""
-    charges_sync(reference=reference)
-    return list(Charge.objects.filter(reference=reference).order_by("created_at", "id"))
+def _with_refund(charges: QuerySet[Charge], *, key: str | Concat) -> QuerySet[Charge]:
+    """``charges``, each with ``keyed_refund_id``: the id of its refund under ``key``, or None.
+
+    One statement, so one snapshot: a refund commits together with its
+    charge's new refunded total, and the two are seen together or not at all.
+    (Read apart, a copy of a refund racing the first could see the total
+    without the refund and answer "nothing left".)
+    """
+    refund = Refund.objects.filter(charge=OuterRef("pk"), idempotency_key=key)
+    return charges.annotate(keyed_refund_id=Subquery(refund.values("pk")[:1]))
+
+
+def _refund_rest(charge: Charge, *, refund_key: str, reason: str) -> Refund | None:
+    """Refund what is left of ``charge`` (as ``_with_refund`` read it) under ``refund_key``.
+
+    The gateway's list of the charge's refunds comes first. If it is empty,
+    nothing was refunded since ``charge`` was read (a refund is recorded here
+    only after the gateway made it, and the gateway keeps it), so the read
+    stands and nothing more is read. Otherwise the refunds we lack are
+    recorded (one whose answer was lost, another saga's) and the charge and
+    the refund under the key are read again, together.
+
+    Interleavings: a copy of this call racing the first either finds the
+    first's refund (listed, then read) or asks the gateway with the same key,
+    gets the same refund back and finds it recorded when it records it
+    (``_refund_record``). A crash after the gateway refunded and before the
+    record committed leaves a refund the next call finds in the gateway's
+    list and records.
+    """
+    gateway = get_gateway()
+    listed = gateway.refunds(charge_id=charge.gateway_charge_id)
+    if listed:
+        _refunds_sync(charge, listed)
+        charge = _with_refund(Charge.objects.filter(pk=charge.pk), key=refund_key).get()
+    if charge.keyed_refund_id is not None:
+        return Refund.objects.get(pk=charge.keyed_refund_id)
+    refundable = charge.amount - charge.refunded_amount
+    if refundable <= 0:
+        return None
+    gateway_refund = gateway.refund(
+        charge_id=charge.gateway_charge_id, amount=refundable, idempotency_key=refund_key
+    )
+    return _refund_record(charge=charge, gateway_refund=gateway_refund, reason=reason)
+
+
+def _charges_of(reference: str, *, refund_key_prefix: str) -> list[Charge]:
+    """Every charge of ``reference``, oldest first, with the gateway's unknown to us recorded.
+
+    Each carries the id of its refund under ``<refund_key_prefix>:<charge id>``
+    (``_with_refund``). One read when the gateway lists no charge we lack.
+    """
+    key = Concat(Value(f"{refund_key_prefix}:"), Cast(OuterRef("pk"), CharField()))
+    charges = _with_refund(Charge.objects.filter(reference=reference), key=key).order_by(
+        "created_at", "id"
+    )
+    known = list(charges)
+    keys = {charge.idempotency_key for charge in known}
+    unknown = [
+        gateway_charge
+        for gateway_charge in get_gateway().charges(reference=reference)
+        if gateway_charge.idempotency_key not in keys
+    ]
+    if not unknown:
+        return known
+    for gateway_charge in unknown:
+        _charge_record(gateway_charge=gateway_charge)
+    return list(charges.all())
 
 
 def charges_sync(*, reference: str) -> list[Charge]:
@@ -169,55 +232,89 @@ def charges_sync(*, reference: str) -> list[Charge]:
     ]
 
 
-def _refunds_sync(charge: Charge) -> None:
-    known = set(Refund.objects.filter(charge=charge).values_list("idempotency_key", flat=True))
-    for gateway_refund in get_gateway().refunds(charge_id=charge.gateway_charge_id):
+def _refunds_sync(charge: Charge, listed: list[GatewayRefund]) -> None:
+    """Record the refunds of ``listed`` (the gateway's, for ``charge``) that we lack."""
+    known = set(
+        Refund.objects.filter(
+            idempotency_key__in=[refund.idempotency_key for refund in listed]
+        ).values_list("idempotency_key", flat=True)
+    )
+    for gateway_refund in listed:
         if gateway_refund.idempotency_key not in known:
             _refund_record(
                 charge=charge, gateway_refund=gateway_refund, reason="found at the gateway"
             )
 
 
-@transaction.atomic
 def _refund_record(*, charge: Charge, gateway_refund: GatewayRefund, reason: str) -> Refund:
-    """Record a refund the gateway made and its ledger entry, once per refund key.
+    """Record a refund the gateway made, its ledger entry and the charge's new total, once.
 
-    The charge row is locked, so concurrent recorders take turns; the one that
-    waited finds the first one's Refund.
+    Three statements: INSERT the refund (its key is unique), INSERT the
+    ledger entry, and UPDATE the charge's refunded total and status with F()
+    expressions, so the new total is computed from the committed row. In a
+    transaction of their own when none is open (a payment step's case: no
+    savepoint); in a savepoint inside the caller's.
+
+    Interleavings: a concurrent recorder of the same key waits on the unique
+    index, fails once the first commits, and returns the first's Refund; two
+    refunds of one charge under different keys add up in the UPDATE (the
+    second waits for the first's row lock, then re-reads the total), and the
+    charge's check constraint (refunded <= amount) refuses a sum past the
+    charge: the last line of defence. A crash between the statements rolls
+    all three back; the gateway keeps its refund, which the next call finds
+    in its list.
     """
-    charge = Charge.objects.select_for_update().get(pk=charge.pk)
-    existing = Refund.objects.filter(idempotency_key=gateway_refund.idempotency_key).first()
-    if existing is not None:
+    amount = gateway_refund.amount
+    refunded = F("refunded_amount") + amount
+    try:
+        with transaction.atomic():
+            refund = Refund.objects.create(
+                charge=charge,
+                idempotency_key=gateway_refund.idempotency_key,
+                amount=amount,
+                currency=charge.currency,
+                gateway_refund_id=gateway_refund.id,
+                reason=reason,
+            )
+            LedgerEntry.objects.create(
+                entry_type=EntryType.REFUND,
+                amount=-amount,
+                currency=refund.currency,
+                charge=charge,
+                refund=refund,
+                reference=charge.reference,
+            )
+            Charge.objects.filter(pk=charge.pk).update(
+                refunded_amount=refunded,
+                status=Case(
+                    When(amount__lte=refunded, then=Value(Charge.Status.REFUNDED)),
+                    default=Value(Charge.Status.PARTIALLY_REFUNDED),
+                ),
+                updated_at=timezone.now(),
+            )
+    except IntegrityError:
+        # The same key was recorded concurrently: the gateway gave both
+        # callers the same refund, so the committed row is the answer.
+        existing = Refund.objects.filter(idempotency_key=gateway_refund.idempotency_key).first()
+        if existing is None:
+            raise
         return existing
-    refund = Refund.objects.create(
-        charge=charge,
-        idempotency_key=gateway_refund.idempotency_key,
-        amount=gateway_refund.amount,
-        currency=charge.currency,
-        gateway_refund_id=gateway_refund.id,
-        reason=reason,
-    )
-    LedgerEntry.objects.create(
-        entry_type=EntryType.REFUND,
-        amount=-refund.amount,
-        currency=refund.currency,
-        charge=charge,
-        refund=refund,
-        reference=charge.reference,
-    )
-    charge.refunded_amount += refund.amount
-    charge.status = (
-        Charge.Status.REFUNDED
-        if charge.refunded_amount >= charge.amount
-        else Charge.Status.PARTIALLY_REFUNDED
-    )
-    charge.save(update_fields=["refunded_amount", "status", "updated_at"])
     return refund
 
 
-@transaction.atomic
 def _charge_record(*, gateway_charge: GatewayCharge) -> Charge:
-    """Record a gateway charge and its ledger entry; a concurrent recorder may win."""
+    """Record a gateway charge and its ledger entry, once per idempotency key.
+
+    Two INSERTs, in a transaction of their own when none is open (a payment
+    step's case: no savepoint); in a savepoint inside the caller's, so a lost
+    race below leaves the caller's transaction usable.
+
+    Interleavings: a concurrent recorder of the same key waits on the unique
+    index, fails once the first commits and returns the first's row (the
+    gateway gave both the same charge). A crash between the INSERTs rolls
+    both back; the gateway keeps the capture, which ``charge_settle`` and
+    ``charges_sync`` find in its books.
+    """
     try:
         with transaction.atomic():
             charge = Charge.objects.create(

@@ -193,9 +193,9 @@ class TripHarness(SagaHarness):
 
     def start_unpublished(self, index: int, *, chaos: dict[str, Any] | None = None) -> str:
         with transaction.atomic():
-            booking = bare.booking_rows(**self.booking_request(index))
+            booking, plan = bare.booking_rows(**self.booking_request(index))
             self.booking_ids.append(str(booking.id))
-            context: dict[str, Any] = {"booking_id": str(booking.id), "card_token": CARD_TOKEN}
+            context: dict[str, Any] = {**plan, "card_token": CARD_TOKEN}
             if chaos:
                 context["chaos"] = chaos
             saga = unpublished_saga(
@@ -221,11 +221,11 @@ class TripHarness(SagaHarness):
         return booking.created_at.timestamp()
 
     def bare_steps(self, index: int) -> list[BareStep]:
-        booking = bare.booking_rows(**self.booking_request(index))
+        booking, plan = bare.booking_rows(**self.booking_request(index))
         self.booking_ids.append(str(booking.id))
-        booking_id = str(booking.id)
+        plan = {**plan, "card_token": CARD_TOKEN}
         return [
-            (name, lambda run=bare.RUNS[name]: run(booking_id=booking_id, card_token=CARD_TOKEN))
+            (name, lambda run=bare.RUNS[name]: run(plan=plan))
             for name, _queue, _timeout in bare.STEPS
         ]
 

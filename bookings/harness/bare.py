@@ -1,7 +1,8 @@
 """The baseline: the trip's five steps as a bare Celery chain.
 
-The same domain writes as the trip saga's steps (``inventory.services``,
-``payments.services``, ``booking_move``), on the bench's own worker, with the same
+The same domain work as the trip saga's steps (the very functions they call:
+``trip_reserve``, ``trip_charge``, ``trip_confirm``, fed the same plan the
+saga's context carries), on the bench's own worker, with the same
 task options and the same result backend, each step in one transaction as the
 saga's wrapper runs it. What is left out is exactly the saga's bookkeeping: no
 Saga row, no SagaLog, no barrier, no status updates and no errback. The bench
@@ -24,13 +25,10 @@ from celery import chain, shared_task
 from django.conf import settings
 from django.db import transaction
 
-from bookings import selectors
 from bookings.models import Booking
-from bookings.saga_steps import KINDS
-from bookings.services import LineRequest, PaymentRequest, booking_move, booking_rows_write
+from bookings.saga_steps import trip_charge, trip_confirm, trip_lines, trip_reserve
+from bookings.services import LineRequest, PaymentRequest, booking_rows_write
 from inventory import selectors as inventory_selectors
-from inventory import services as inventory
-from payments import services as payments
 from sagas.bench.tasks import BENCH_QUEUE
 
 PREFIX = "bench.bare"
@@ -64,50 +62,33 @@ def bare_charge_key(booking_id) -> str:
     return f"bench:{booking_id}:charge_payment"
 
 
-def _reserve(booking_id: str, what: str) -> dict[str, Any]:
+def _reserve(plan: dict[str, Any], what: str) -> dict[str, Any]:
     with transaction.atomic():
-        holds = [
-            inventory.hold_place(
-                sku=line.sku, quantity=line.quantity, reference=line.hold_reference
-            )
-            for line in selectors.booking_lines(booking_id=booking_id, kind=KINDS[what])
-        ]
-    return {"held": [hold.reference for hold in holds]}
+        return trip_reserve(trip_lines(plan, what))
 
 
-def reserve_flight_run(*, booking_id: str, **_ignored: Any) -> dict[str, Any]:
-    return _reserve(booking_id, "flight")
+def reserve_flight_run(*, plan: dict[str, Any], **_ignored: Any) -> dict[str, Any]:
+    return _reserve(plan, "flight")
 
 
-def reserve_hotel_run(*, booking_id: str, **_ignored: Any) -> dict[str, Any]:
-    return _reserve(booking_id, "hotel")
+def reserve_hotel_run(*, plan: dict[str, Any], **_ignored: Any) -> dict[str, Any]:
+    return _reserve(plan, "hotel")
 
 
-def reserve_car_run(*, booking_id: str, **_ignored: Any) -> dict[str, Any]:
-    return _reserve(booking_id, "car")
+def reserve_car_run(*, plan: dict[str, Any], **_ignored: Any) -> dict[str, Any]:
+    return _reserve(plan, "car")
 
 
-def charge_payment_run(*, booking_id: str, card_token: str, **_ignored: Any) -> dict[str, Any]:
+def charge_payment_run(*, plan: dict[str, Any], **_ignored: Any) -> dict[str, Any]:
     # Like the saga's external step: no transaction open across the gateway call.
-    booking = selectors.booking_get(booking_id=booking_id)
-    charge = payments.charge_create(
-        amount=booking.total,
-        currency=booking.currency,
-        card_token=card_token,
-        idempotency_key=bare_charge_key(booking_id),
-        reference=f"booking:{booking.id}",
-    )
+    charge = trip_charge(plan, idempotency_key=bare_charge_key(plan["booking_id"]))
     return {"charge": charge.gateway_charge_id, "amount": str(charge.amount)}
 
 
-def confirm_booking_run(*, booking_id: str, **_ignored: Any) -> dict[str, Any]:
+def confirm_booking_run(*, plan: dict[str, Any], **_ignored: Any) -> dict[str, Any]:
+    booking_id = plan["booking_id"]
     with transaction.atomic():
-        for line in selectors.booking_lines(booking_id=booking_id):
-            inventory.hold_confirm(reference=line.hold_reference)
-        if not booking_move(
-            booking_id=booking_id, source=Booking.Status.PENDING, target=Booking.Status.CONFIRMED
-        ):
-            raise RuntimeError(f"booking {booking_id} is no longer pending")
+        trip_confirm(booking_id, trip_lines(plan))
     # Committed: the chain's end, on the same clock as a saga's finished_at.
     return {"booking": booking_id, "done_at": time.time()}
 
@@ -128,22 +109,24 @@ TASKS = {
 TASK_NAMES = [f"{PREFIX}.{name}" for name, _queue, _timeout in STEPS]
 
 
-def bare_chain(*, booking_id: str, card_token: str, last_task_id: str):
-    """The five tasks as ``chain(task.si(...), ...)``; the last one gets ``last_task_id``."""
+def bare_chain(*, plan: dict[str, Any], last_task_id: str):
+    """The five tasks as ``chain(task.si(plan=...), ...)``; the last one gets ``last_task_id``.
+
+    ``plan`` is what a trip saga's context carries (booking id, card, lines,
+    total), so each task reads what its saga step reads.
+    """
     signatures = [
         # The bench's queue, which only its worker consumes; the same worker
         # consumes the saga's queues, so the hop costs the same.
-        TASKS[name].si(booking_id=booking_id, card_token=card_token).set(queue=BENCH_QUEUE)
+        TASKS[name].si(plan=plan).set(queue=BENCH_QUEUE)
         for name, _queue, _ in STEPS
     ]
     signatures[-1] = signatures[-1].set(task_id=last_task_id, ignore_result=False)
     return chain(*signatures)
 
 
-def _publish(booking_id: str, card_token: str, last_task_id: str) -> None:
-    bare_chain(
-        booking_id=booking_id, card_token=card_token, last_task_id=last_task_id
-    ).apply_async()
+def _publish(plan: dict[str, Any], last_task_id: str) -> None:
+    bare_chain(plan=plan, last_task_id=last_task_id).apply_async()
 
 
 def booking_rows(
@@ -153,11 +136,13 @@ def booking_rows(
     customer_email: str,
     lines: list[LineRequest],
     payment: PaymentRequest,
-) -> Booking:
+) -> tuple[Booking, dict[str, Any]]:
     """The booking and its lines as ``bookings.services.booking_create`` writes them.
 
-    The bench's own inputs are valid, so only the reads and writes of
-    ``booking_create`` are repeated here, not its error reporting.
+    Returns the booking and the plan a trip saga's context would carry
+    (booking id, card, total, lines). The bench's own inputs are valid, so
+    only the reads and writes of ``booking_create`` are repeated here, not
+    its error reporting.
     """
     items = inventory_selectors.items_by_sku(skus=sorted({line.sku for line in lines}))
     total = sum((items[line.sku].price * line.quantity for line in lines), Decimal("0"))
@@ -168,12 +153,13 @@ def booking_rows(
         total=total,
         currency=payment.currency,
     )
-    return booking_rows_write(booking=booking, items=items, lines=lines)
+    booking, plan = booking_rows_write(booking=booking, items=items, lines=lines)
+    return booking, {"booking_id": str(booking.id), "card_token": payment.card_token, **plan}
 
 
 @transaction.atomic
 def bare_booking_create(*, payment: PaymentRequest, last_task_id: str, **booking: Any) -> Booking:
     """``booking_create`` without the saga: the same rows, then the bare chain after commit."""
-    created = booking_rows(payment=payment, **booking)
-    transaction.on_commit(partial(_publish, str(created.id), payment.card_token, last_task_id))
+    created, plan = booking_rows(payment=payment, **booking)
+    transaction.on_commit(partial(_publish, plan, last_task_id))
     return created

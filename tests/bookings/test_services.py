@@ -43,7 +43,18 @@ def test_a_booking_is_written_with_its_lines_and_a_pending_trip_saga(customer, t
     assert saga.saga_type == "trip_booking"
     assert saga.status == Saga.Status.PENDING
     assert saga.business_key == f"booking:{booking.id}"
-    assert saga.context == {"booking_id": str(booking.id), "card_token": "tok_ok"}
+    flight, hotel = booking.lines.all()
+    # What the steps need of the booking travels in the saga's context.
+    assert saga.context == {
+        "booking_id": str(booking.id),
+        "card_token": "tok_ok",
+        "total": "520.00",
+        "currency": "EUR",
+        "lines": [
+            {"kind": "flight_seat", "sku": "FL-TEST", "quantity": 2, "hold": flight.hold_reference},
+            {"kind": "hotel_room", "sku": "HT-TEST", "quantity": 1, "hold": hotel.hold_reference},
+        ],
+    }
     assert saga.deadline > saga.created_at
 
 

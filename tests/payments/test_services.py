@@ -4,7 +4,7 @@ import threading
 from decimal import Decimal
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 from payments import selectors, services
 from payments.errors import (
@@ -14,7 +14,9 @@ from payments.errors import (
     InvalidAmount,
     UnsupportedCurrency,
 )
+from payments.gateways import GatewayCharge, get_gateway
 from payments.models import Charge, LedgerEntry, Refund
+from sagas.bench.sqlcount import TRANSACTION, counting
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("redis_url")]
 
@@ -232,3 +234,160 @@ def test_charges_purge_deletes_a_references_charges_refunds_and_ledger_entries(k
     assert list(Charge.objects.values_list("pk", flat=True)) == [kept.pk]
     assert LedgerEntry.objects.filter(charge=kept).count() == 1
     assert not Refund.objects.exists()
+
+
+# --- lean paths: what each call asks the database ------------------------------------
+
+
+def statements(counter) -> list[str]:
+    """What the database was asked, BEGIN and COMMIT left out (they are the transaction)."""
+    return [" ".join(sql.split()) for kind, sql in counter.statements if kind != TRANSACTION]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_charge_create_with_no_transaction_open_records_in_one_of_its_own_without_a_savepoint(key):
+    with counting() as counter:
+        ch = charge(key(), amount="42.00")
+
+    sql = statements(counter)
+    assert [statement.split(" (")[0] for statement in sql[1:]] == [
+        'INSERT INTO "payments_charge"',
+        'INSERT INTO "payments_ledgerentry"',
+    ], sql
+    assert sql[0].startswith('SELECT "payments_charge"'), sql
+    assert LedgerEntry.objects.get().charge_id == ch.pk
+
+
+def test_a_charge_recorded_twice_in_the_callers_transaction_is_recorded_once(key):
+    gateway_charge = GatewayCharge(
+        id="ch_fake_twice", amount=Decimal("12.00"), currency="EUR", idempotency_key=key()
+    )
+
+    with transaction.atomic():
+        first = services._charge_record(gateway_charge=gateway_charge)
+        # The unique key refuses the copy; its savepoint keeps this transaction usable.
+        again = services._charge_record(gateway_charge=gateway_charge)
+        entries = LedgerEntry.objects.count()
+
+    assert again.pk == first.pk
+    assert entries == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_charge_undo_reads_the_charge_once_and_records_the_refund_in_three_writes(key):
+    k = key()
+    ch = charge(k, amount="80.00")
+
+    with counting() as counter:
+        refund = services.charge_undo(idempotency_key=k, reason="trip booking undone")
+
+    sql = statements(counter)
+    assert len(sql) == 4, sql
+    assert sql[0].startswith('SELECT "payments_charge"'), sql
+    assert '"payments_refund"' in sql[0], sql  # the refund under the key, in the same read
+    assert [statement.split(" (")[0].split(" SET")[0] for statement in sql[1:]] == [
+        'INSERT INTO "payments_refund"',
+        'INSERT INTO "payments_ledgerentry"',
+        'UPDATE "payments_charge"',
+    ], sql
+    ch.refresh_from_db()
+    assert (ch.status, ch.refunded_amount) == (Charge.Status.REFUNDED, Decimal("80.00"))
+    assert refund is not None
+    assert (refund.amount, refund.reason) == (Decimal("80.00"), "trip booking undone")
+
+
+def test_charge_undo_records_a_refund_whose_answer_was_lost_instead_of_refunding_again(key):
+    k = key()
+    ch = charge(k, amount="55.00")
+    # The gateway refunded under the key; the answer never reached us.
+    get_gateway().refund(
+        charge_id=ch.gateway_charge_id, amount=Decimal("55.00"), idempotency_key=f"refund:{k}"
+    )
+
+    refund = services.charge_undo(idempotency_key=k)
+
+    assert refund is not None
+    assert (refund.amount, refund.reason) == (Decimal("55.00"), "found at the gateway")
+    assert Refund.objects.count() == 1
+    assert selectors.money_totals(references=["booking:1"])["net"] == Decimal("0.00")
+
+
+def test_charge_refund_refunds_only_what_another_key_left(key):
+    k = key()
+    ch = charge(k, amount="100.00")
+    get_gateway().refund(
+        charge_id=ch.gateway_charge_id, amount=Decimal("30.00"), idempotency_key=key("partial")
+    )
+
+    refund = services.charge_refund(charge=ch, refund_key=key("rest"))
+
+    assert refund is not None
+    assert refund.amount == Decimal("70.00")
+    ch.refresh_from_db()
+    assert (ch.status, ch.refunded_amount) == (Charge.Status.REFUNDED, Decimal("100.00"))
+    assert selectors.money_totals(references=["booking:1"])["net"] == Decimal("0.00")
+
+
+def test_a_partial_refund_leaves_the_charge_partially_refunded(key):
+    ch = charge(key(), amount="100.00")
+    gateway_refund = get_gateway().refund(
+        charge_id=ch.gateway_charge_id, amount=Decimal("25.00"), idempotency_key=key("part")
+    )
+
+    services._refund_record(charge=ch, gateway_refund=gateway_refund, reason="")
+
+    ch.refresh_from_db()
+    assert (ch.status, ch.refunded_amount) == (
+        Charge.Status.PARTIALLY_REFUNDED,
+        Decimal("25.00"),
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_charges_refund_all_reads_the_charges_once_and_writes_each_refund_in_three(key):
+    reference = key("booking")  # the gateway's books outlive the test database
+    charge(key(), amount="30.00", reference=reference)
+
+    with counting() as counter:
+        refunds = services.charges_refund_all(
+            reference=reference, refund_key_prefix=key("cancel"), reason="booking cancelled"
+        )
+
+    sql = statements(counter)
+    assert len(sql) == 4, sql
+    assert [refund.amount for refund in refunds] == [Decimal("30.00")]
+    assert selectors.money_totals(references=[reference])["net"] == Decimal("0.00")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_recorders_of_one_refund_record_it_once(key):
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL: SQLite serialises writers, so there is no race to test")
+    ch = charge(key(), amount="64.00")
+    gateway_refund = get_gateway().refund(
+        charge_id=ch.gateway_charge_id, amount=Decimal("64.00"), idempotency_key=key("refund")
+    )
+    start = threading.Barrier(4)
+    refund_ids: list[int] = []
+
+    def run() -> None:
+        try:
+            start.wait()
+            refund = services._refund_record(charge=ch, gateway_refund=gateway_refund, reason="")
+            refund_ids.append(refund.pk)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+
+    assert len(refund_ids) == 4
+    assert len(set(refund_ids)) == 1
+    ch.refresh_from_db()
+    assert (ch.status, ch.refunded_amount) == (Charge.Status.REFUNDED, Decimal("64.00"))
+    assert LedgerEntry.objects.filter(entry_type="REFUND").count() == 1
+    assert selectors.ledger_balance() == Decimal("0.00")
