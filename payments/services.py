@@ -12,7 +12,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Case, CharField, F, OuterRef, QuerySet, Subquery, Value, When
-from django.db.models.functions import Cast, Concat
+from django.db.models.functions import Cast, Concat, Round
 from django.utils import timezone
 
 from payments.errors import GatewayFaultsUnsupported, InvalidAmount, UnsupportedCurrency
@@ -265,7 +265,9 @@ def _refund_record(*, charge: Charge, gateway_refund: GatewayRefund, reason: str
     in its list.
     """
     amount = gateway_refund.amount
-    refunded = F("refunded_amount") + amount
+    # Rounded to the cent in the database: SQLite adds decimals as binary
+    # floats (0.10 three times is more than 0.30 there); PostgreSQL is exact.
+    refunded = Round(F("refunded_amount") + amount, 2)
     try:
         with transaction.atomic():
             refund = Refund.objects.create(

@@ -343,6 +343,20 @@ def test_a_partial_refund_leaves_the_charge_partially_refunded(key):
     )
 
 
+def test_partial_refunds_that_add_up_to_the_charge_refund_it_exactly(key):
+    # Cents that binary floating point cannot hold: SQLite adds decimals as floats.
+    ch = charge(key(), amount="0.30")
+    for part in ("0.10", "0.10", "0.10"):
+        gateway_refund = get_gateway().refund(
+            charge_id=ch.gateway_charge_id, amount=Decimal(part), idempotency_key=key()
+        )
+        services._refund_record(charge=ch, gateway_refund=gateway_refund, reason="")
+
+    ch.refresh_from_db()
+    assert (ch.status, ch.refunded_amount) == (Charge.Status.REFUNDED, Decimal("0.30"))
+    assert selectors.money_totals(references=["booking:1"])["net"] == Decimal("0.00")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_charges_refund_all_reads_the_charges_once_and_writes_each_refund_in_three(key):
     reference = key("booking")  # the gateway's books outlive the test database
