@@ -122,7 +122,9 @@ class SagaLog(models.Model):
 
     DONE = (Status.SUCCEEDED, Status.SKIPPED)
 
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="logs")
+    # Lookups by saga use sagalog_saga_started (saga, started_at): an index
+    # on the key alone would only cost every insert.
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="logs", db_index=False)
     step = models.CharField(max_length=64)
     step_index = models.PositiveSmallIntegerField()
     phase = models.CharField(max_length=16, choices=Phase.choices)
