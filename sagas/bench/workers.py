@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 from celery import current_app
@@ -46,10 +47,19 @@ def broker_url() -> str:
 
 
 def celery_command(
-    concurrency: int, *, queues: tuple[str, ...], includes: tuple[str, ...] = ()
+    concurrency: int,
+    *,
+    queues: tuple[str, ...],
+    includes: tuple[str, ...] = (),
+    options: dict[str, Any] | None = None,
 ) -> list[str]:
+    """The bench's worker; ``options`` are ``worker_argv``'s (events, loglevel, gossip)."""
     return worker_argv(
-        name=NODE_NAME, queues=queues, concurrency=concurrency, includes=(BENCH_TASKS, *includes)
+        name=NODE_NAME,
+        queues=queues,
+        concurrency=concurrency,
+        includes=(BENCH_TASKS, *includes),
+        **(options or {}),
     )
 
 
@@ -77,11 +87,19 @@ class WorkerPool:
     """One ``celery worker`` process (prefork: a main process and ``concurrency`` children)."""
 
     def __init__(
-        self, *, concurrency: int = 2, queues: tuple[str, ...], includes: tuple[str, ...] = ()
+        self,
+        *,
+        concurrency: int = 2,
+        queues: tuple[str, ...],
+        includes: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.concurrency = concurrency
         self.queues = queues
         self.includes = includes
+        self.env = env or {}
+        self.options = options
         self.nodename = host_format(NODE_NAME)
         self.process: subprocess.Popen | None = None
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the pool
@@ -93,11 +111,13 @@ class WorkerPool:
         return self._log.name
 
     def environment(self) -> dict[str, str]:
-        return worker_environment(broker_url=broker_url())
+        return {**worker_environment(broker_url=broker_url()), **self.env}
 
     def start(self) -> None:
         self.process = subprocess.Popen(  # noqa: S603 - fixed arguments, no shell
-            celery_command(self.concurrency, queues=self.queues, includes=self.includes),
+            celery_command(
+                self.concurrency, queues=self.queues, includes=self.includes, options=self.options
+            ),
             cwd=settings.BASE_DIR,
             env=self.environment(),
             stdin=subprocess.DEVNULL,
