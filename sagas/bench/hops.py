@@ -41,9 +41,10 @@ from sagas.canvas import action_chain
 from sagas.definitions import SagaDefinition, registry
 from sagas.errors import UnknownSagaType
 
-# The production worker (config/Procfile, docker-compose.yml): task events,
-# INFO logging, gossip and mingle.
-PRODUCTION = {"events": True, "loglevel": "INFO", "gossip": True}
+# The production worker (config/Procfile, docker-compose.yml): task events
+# (CELERY_WORKER_SEND_TASK_EVENTS, no -E so that setting decides), INFO
+# logging, gossip and mingle.
+PRODUCTION = {"events": False, "loglevel": "INFO", "gossip": True}
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Variant:
     what: str
     options: dict[str, Any] = field(default_factory=dict)  # worker_argv's, over PRODUCTION
     worker: dict[str, Any] = field(default_factory=dict)  # sagas.bench.tasks._apply_variant
+    env: dict[str, str] = field(default_factory=dict)  # the worker's environment
     link_error: bool = False  # chains whose every task carries an errback
 
     @property
@@ -61,16 +63,16 @@ class Variant:
 
 BASELINE = "production"
 VARIANTS = [
-    Variant(BASELINE, "the production worker: -E, --loglevel INFO, gossip and mingle"),
+    Variant(BASELINE, "the production worker: task events, --loglevel INFO, gossip and mingle"),
     Variant(
         "no task events",
-        "worker_send_task_events off, no -E (Flower shows no tasks)",
+        "worker_send_task_events off (Flower shows no tasks until it enables them)",
         options={"events": False},
         worker={"task_events": False},
     ),
     Variant(
         "log WARNING",
-        "no 'received'/'succeeded' INFO lines",
+        "--loglevel WARNING: no 'received'/'succeeded' INFO line per task",
         options={"loglevel": "WARNING"},
     ),
     Variant("no gossip/mingle", "--without-gossip --without-mingle", options={"gossip": False}),
@@ -137,14 +139,16 @@ def _one(variant: Variant, definition: SagaDefinition, config: HopsConfig, echo)
     pool = WorkerPool(
         concurrency=config.concurrency,
         queues=(BENCH_QUEUE,),
-        env={VARIANT_ENV: json.dumps(variant.worker)} if variant.worker else {},
+        env={**variant.env, VARIANT_ENV: json.dumps(variant.worker)},
         options=variant.argv_options,
     )
     job = _noop_job(definition, variant.link_error)
     try:
         pool.start()
         bare_run(job, 10, submitters=config.submitters, timeout=config.timeout)
+        cpu = pool.cpu_seconds()
         burst = bare_run(job, config.chains, submitters=config.submitters, timeout=config.timeout)
+        cpu = pool.cpu_seconds() - cpu
         lone = lone_bare(job, config.lone, timeout=config.timeout)
         rss = pool.rss()["total"]
     except BenchError as exc:
@@ -153,11 +157,14 @@ def _one(variant: Variant, definition: SagaDefinition, config: HopsConfig, echo)
         pool.stop()
         pool.discard_log()
     lone_p50 = reporting.summary(lone.latencies_ms)["p50"]
+    # The worker's CPU per task: what the machinery costs, whatever else the
+    # machine runs meanwhile (which moves the rates far more).
+    cpu_ms = cpu * 1000 / (config.chains * len(definition.steps))
     echo(
-        f"  {variant.name:<18} {burst.per_s:7.1f} chains/s   lone p50 {lone_p50:6.1f} ms   "
-        f"RSS {rss:.0f} MB"
+        f"  {variant.name:<18} {burst.per_s:7.1f} chains/s   CPU {cpu_ms:5.2f} ms/task   "
+        f"lone p50 {lone_p50:6.1f} ms   RSS {rss:.0f} MB"
     )
-    return {"chains_per_s": burst.per_s, "lone_p50_ms": lone_p50, "rss_mb": rss}
+    return {"chains_per_s": burst.per_s, "cpu_ms": cpu_ms, "lone_p50_ms": lone_p50, "rss_mb": rss}
 
 
 def message_sizes(definition: SagaDefinition, *, repeat: int = 200) -> dict[str, Any]:
@@ -294,7 +301,10 @@ def _compare(runs: dict[str, list[dict[str, Any]]], steps: int) -> dict[str, Any
     for name, rounds in runs.items():
         rate = statistics.median(r["chains_per_s"] for r in rounds)
         lone = statistics.median(r["lone_p50_ms"] for r in rounds)
+        cpu = statistics.median(r["cpu_ms"] for r in rounds)
         results[name] = {
+            "cpu_ms_per_hop": round(cpu, 3),
+            "rounds_cpu_ms_per_hop": [round(r["cpu_ms"], 3) for r in rounds],
             "chains_per_s": round(rate, 2),
             "rounds_chains_per_s": [round(r["chains_per_s"], 2) for r in rounds],
             "ms_per_hop_burst": round(1000 / (rate * steps), 3),
@@ -304,6 +314,8 @@ def _compare(runs: dict[str, list[dict[str, Any]]], steps: int) -> dict[str, Any
         }
     base = results[BASELINE]
     for result in results.values():
+        result["cpu_ratio"] = round(result["cpu_ms_per_hop"] / base["cpu_ms_per_hop"], 3)
+        result["cpu_ms_per_hop_delta"] = round(result["cpu_ms_per_hop"] - base["cpu_ms_per_hop"], 3)
         result["throughput_ratio"] = round(result["chains_per_s"] / base["chains_per_s"], 3)
         result["burst_ms_per_hop_delta"] = round(
             result["ms_per_hop_burst"] - base["ms_per_hop_burst"], 3
@@ -323,18 +335,23 @@ def hops_table(report: dict[str, Any]) -> str:
         f"machine: {m['cores']} cores, {m['cpu']}; {m['database']}, {m['redis']}; load "
         f"{m['load_average_at_start']} -> {m.get('load_average_at_end')}",
         "",
-        f"{'variant':<19}{'chains/s':>9}{'ratio':>7}{'ms/hop':>8}{'delta':>7}"
-        f"{'lone p50':>10}{'ms/hop':>8}{'delta':>7}{'RSS MB':>8}  rounds (chains/s)",
+        f"{'variant':<19}{'CPU ms':>7}{'ratio':>7}{'delta':>7}"
+        f"{'chains/s':>9}{'ratio':>7}{'ms/hop':>8}{'delta':>7}"
+        f"{'lone p50':>10}{'ms/hop':>8}{'delta':>7}{'RSS MB':>8}  rounds (CPU ms/hop)",
     ]
     for name, r in report["results"].items():
         lines.append(
-            f"{name:<19}{r['chains_per_s']:>9.1f}{r['throughput_ratio']:>7.3f}"
+            f"{name:<19}{r['cpu_ms_per_hop']:>7.3f}{r['cpu_ratio']:>7.3f}"
+            f"{r['cpu_ms_per_hop_delta']:>+7.3f}"
+            f"{r['chains_per_s']:>9.1f}{r['throughput_ratio']:>7.3f}"
             f"{r['ms_per_hop_burst']:>8.3f}{r['burst_ms_per_hop_delta']:>+7.3f}"
             f"{r['lone_p50_ms']:>10.1f}{r['ms_per_hop_lone']:>8.3f}"
             f"{r['lone_ms_per_hop_delta']:>+7.3f}{r['rss_mb']:>8.0f}  "
-            + " ".join(f"{x:.1f}" for x in r["rounds_chains_per_s"])
+            + " ".join(f"{x:.2f}" for x in r["rounds_cpu_ms_per_hop"])
         )
     lines += [
+        "  CPU ms: the worker's CPU (main process + pool, user + system) per task in the burst,",
+        "  the steadiest figure on a shared machine; medians over the rounds.",
         "  ms/hop (burst): 1000 / (chains/s x tasks per chain), the worker's time per task;",
         "  ms/hop (lone): a lone chain's p50 latency / tasks; delta: against 'production'.",
         "",

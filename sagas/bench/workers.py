@@ -74,6 +74,16 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _process_group(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -149,6 +159,12 @@ class WorkerPool:
             "children": round(sum(children) / 1024, 1),
             "processes": 1 + len(children),
         }
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the main process and its children have used so far."""
+        if self.process is None:
+            return 0.0
+        return sum(cpu_seconds(pid) for pid in (self.process.pid, *child_pids(self.process.pid)))
 
     def stop(self) -> None:
         if self.process is None:
