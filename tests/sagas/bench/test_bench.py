@@ -319,8 +319,10 @@ def test_a_tiny_bench_run_writes_every_figure_of_the_report(tmp_path, capsys):
     # The profile: every step of the saga as its worker ran it, and the no-op floor.
     profile = report["profile"]
     assert list(profile["steps"]) == [f"trip_booking.{step}" for step in TRIP_STEPS]
-    for row in [*profile["steps"].values(), profile["noop_per_hop"]]:
+    for row in profile["steps"].values():
         assert row["n"] == 2
+    assert profile["noop_per_hop"]["n"] == 2 * len(TRIP_STEPS)  # every hop of 2 chains
+    for row in [*profile["steps"].values(), profile["noop_per_hop"]]:
         assert row["total"] > 0
         assert row["wire_bytes"] > 0
     assert profile["per_saga"]["sql_bookkeeping"] > 0
