@@ -6,16 +6,19 @@ baseline; everything the run created is deleted at the end unless ``--keep``.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import redis
 from django.utils import timezone
 
+from sagas.bench import profile as profiling
 from sagas.bench import report as reporting
 from sagas.bench.sqlcount import count_sql, counting, time_steps
-from sagas.bench.tasks import BENCH_QUEUE
+from sagas.bench.tasks import BENCH_QUEUE, NOOP
 from sagas.bench.throughput import (
     Bursts,
     Run,
@@ -51,6 +54,8 @@ from sagas.models import Saga
 
 Echo = Callable[[str], None]
 STEP_TIMING_SAGAS = 20
+# Sagas and no-op chains the profiling worker runs before the profiled ones.
+PROFILE_WARMUP = 2
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class BenchConfig:
     purge: bool = False
     allow_foreign_workers: bool = False
     keep: bool = False
+    profile_sagas: int = 20  # 0: no per-step profile
 
     def __post_init__(self) -> None:
         checks = [
@@ -88,6 +94,7 @@ class BenchConfig:
             (1 <= self.rounds <= self.sagas, "--rounds must be between 1 and --sagas"),
             (1 <= self.concurrency <= 32, "--concurrency must be between 1 and 32"),
             (self.timeout > 0, "--timeout must be a positive number of seconds"),
+            (0 <= self.profile_sagas <= 1000, "--profile-sagas must be between 0 and 1000"),
         ]
         for ok, message in checks:
             if not ok:
@@ -117,6 +124,7 @@ class BenchConfig:
     def sagas_needed(self) -> int:
         """Every saga and bare run the bench starts, for the plug-in to prepare for."""
         per_kind = 2 * (self.warmup + self.sagas + self.lone) + self.half_load_count
+        per_kind += self.profile_sagas + PROFILE_WARMUP if self.profile_sagas else 0
         in_process = 3 + 2 * self.timed_sagas  # SQL count, step timing
         return per_kind + self.failure_count + 1 + in_process
 
@@ -126,6 +134,68 @@ def _failing_saga_tasks(definition: SagaDefinition) -> tuple[int, int]:
     steps = definition.steps
     undo = sum(1 for step in steps[:-1] if step.compensation is not None)
     return len(steps), len(steps) + 1 + undo + 1  # actions, errback, compensations, finish
+
+
+def _profile(
+    harness: SagaHarness,
+    *,
+    queues: tuple[str, ...],
+    concurrency: int,
+    count: int,
+    offset: int,
+    timeout: float,
+    echo: Echo,
+    bare_ids: list[str],
+) -> dict[str, Any]:
+    """``count`` lone sagas and no-op chains on a worker of their own that profiles every task.
+
+    After the measured phases, so the profiling's own cost (a few timers and
+    a Redis push per task) touches none of the figures above.
+    """
+    definition = harness.definition
+    key = f"bench:profile:{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(broker_url())
+    pool = WorkerPool(
+        concurrency=concurrency,
+        queues=queues,
+        includes=(*harness.worker_includes, profiling.MODULE),
+        env={profiling.ENV: key},
+    )
+    echo(
+        f"profile: {count} lone sagas and {count} lone no-op chains on a profiling worker "
+        f"({concurrency} prefork processes, log {pool.logfile})"
+    )
+
+    def noop(n: int) -> None:
+        run = lone_bare(noop_job(definition), n, timeout=timeout)
+        bare_ids.extend(s.key for s in run.submitted)
+
+    try:
+        pool.start()
+        lone_sagas(saga_job(harness, offset=offset), PROFILE_WARMUP, timeout=timeout)
+        noop(PROFILE_WARMUP)
+        time.sleep(profiling.FLUSH_S)
+        client.delete(key)
+        with profiling.publishes_recorded() as first_publishes:
+            lone_sagas(saga_job(harness, offset=offset + PROFILE_WARMUP), count, timeout=timeout)
+            noop(count)
+        time.sleep(profiling.FLUSH_S)
+    except BenchError as exc:
+        raise BenchError(f"{exc}\n--- worker log (tail) ---\n{pool.log_tail()}") from None
+    finally:
+        pool.stop()
+        pool.discard_log()
+    rows = profiling.hops(profiling.read_records(client, key), first_publishes)
+    return profiling.profile_summary(
+        rows,
+        step_names=[definition.action_task_name(i) for i in range(len(definition.steps))],
+        noop_name=NOOP,
+        covered=(
+            f"{count} lone sagas and {count} lone no-op chains, one at a time, on a worker "
+            "started for the profile after the figures above; the saga's steps as its "
+            "worker ran them"
+        ),
+    )
 
 
 def _latency(run, **extra: Any) -> dict[str, Any]:
@@ -332,6 +402,19 @@ def _run(
     finally:
         pool.stop()
         pool.discard_log()  # a failure's message above carries its tail
+
+    if config.profile_sagas:
+        profile_offset = next_offset(config.profile_sagas + PROFILE_WARMUP)
+        report["profile"] = _profile(
+            harness,
+            queues=queues,
+            concurrency=config.concurrency,
+            count=config.profile_sagas,
+            offset=profile_offset,
+            timeout=timeout,
+            echo=echo,
+            bare_ids=bare_ids,
+        )
 
     sql["saga_level"]["submit"] = submit_saga.summary()
     sql["saga_level"]["submit_bare"] = submit_bare.summary() if submit_bare else None

@@ -212,9 +212,14 @@ def count_sql(harness: SagaHarness, *, offset: int = 0) -> dict[str, Any]:
     outside = [row for row in actions if row["step"] in external]
     # Steps inside our database: lock, move the counter, write the log row.
     bookkeeping_max = max(row[BOOKKEEPING] for row in inside or actions + compensations)
+    counted = actions + compensations
     return {
         "action": _average(actions),
         "compensation": _average(compensations),
+        # Every counted action and compensation, external ones included.
+        "bookkeeping_per_step_mean": round(
+            sum(row[BOOKKEEPING] for row in counted) / len(counted), 2
+        ),
         "bookkeeping_per_step_max": bookkeeping_max,
         # An external action (a gateway call) also writes its in-flight row
         # before the call: read, mark, move the counter, close the mark.

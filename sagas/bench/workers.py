@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 from celery import current_app
@@ -46,10 +47,19 @@ def broker_url() -> str:
 
 
 def celery_command(
-    concurrency: int, *, queues: tuple[str, ...], includes: tuple[str, ...] = ()
+    concurrency: int,
+    *,
+    queues: tuple[str, ...],
+    includes: tuple[str, ...] = (),
+    options: dict[str, Any] | None = None,
 ) -> list[str]:
+    """The bench's worker; ``options`` are ``worker_argv``'s (events, loglevel, gossip)."""
     return worker_argv(
-        name=NODE_NAME, queues=queues, concurrency=concurrency, includes=(BENCH_TASKS, *includes)
+        name=NODE_NAME,
+        queues=queues,
+        concurrency=concurrency,
+        includes=(BENCH_TASKS, *includes),
+        **(options or {}),
     )
 
 
@@ -62,6 +72,16 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _process_group(pid: int) -> int | None:
@@ -77,11 +97,19 @@ class WorkerPool:
     """One ``celery worker`` process (prefork: a main process and ``concurrency`` children)."""
 
     def __init__(
-        self, *, concurrency: int = 2, queues: tuple[str, ...], includes: tuple[str, ...] = ()
+        self,
+        *,
+        concurrency: int = 2,
+        queues: tuple[str, ...],
+        includes: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.concurrency = concurrency
         self.queues = queues
         self.includes = includes
+        self.env = env or {}
+        self.options = options
         self.nodename = host_format(NODE_NAME)
         self.process: subprocess.Popen | None = None
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the pool
@@ -93,11 +121,13 @@ class WorkerPool:
         return self._log.name
 
     def environment(self) -> dict[str, str]:
-        return worker_environment(broker_url=broker_url())
+        return {**worker_environment(broker_url=broker_url()), **self.env}
 
     def start(self) -> None:
         self.process = subprocess.Popen(  # noqa: S603 - fixed arguments, no shell
-            celery_command(self.concurrency, queues=self.queues, includes=self.includes),
+            celery_command(
+                self.concurrency, queues=self.queues, includes=self.includes, options=self.options
+            ),
             cwd=settings.BASE_DIR,
             env=self.environment(),
             stdin=subprocess.DEVNULL,
@@ -129,6 +159,12 @@ class WorkerPool:
             "children": round(sum(children) / 1024, 1),
             "processes": 1 + len(children),
         }
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the main process and its children have used so far."""
+        if self.process is None:
+            return 0.0
+        return sum(cpu_seconds(pid) for pid in (self.process.pid, *child_pids(self.process.pid)))
 
     def stop(self) -> None:
         if self.process is None:

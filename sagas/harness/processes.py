@@ -92,15 +92,21 @@ def worker_argv(
     concurrency: int,
     includes: tuple[str, ...] = (),
     events: bool = False,
+    loglevel: str = "WARNING",
+    gossip: bool = False,
 ) -> list[str]:
-    """``celery -A config worker`` (prefork) for a harness: no gossip or mingle, warnings only."""
+    """``celery -A config worker`` (prefork) for a harness: no gossip or mingle, warnings only.
+
+    ``gossip`` and ``loglevel`` let the bench measure what they cost.
+    """
     return [
         *celery_command(),
         *("-A", "config", "worker", "-P", "prefork", "-c", str(concurrency)),
         *(("-E",) if events else ()),
         *("-n", name, "-Q", ",".join(queues)),
         *(("--include", ",".join(includes)) if includes else ()),
-        *("--without-gossip", "--without-mingle", "--loglevel", "WARNING"),
+        *(() if gossip else ("--without-gossip", "--without-mingle")),
+        *("--loglevel", loglevel),
     ]
 
 

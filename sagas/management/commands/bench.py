@@ -3,6 +3,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
+from sagas.bench.hops import HopsConfig, hops_table, run_hops
 from sagas.bench.report import table
 from sagas.bench.runner import BenchConfig, run_bench
 from sagas.bench.scale import ScaleConfig, run_scale, scale_table
@@ -22,6 +23,7 @@ THROUGHPUT_FLAGS = (
     "allow_foreign_workers",
     "saga_type",
     "keep",
+    "profile_sagas",
 )
 
 
@@ -71,11 +73,25 @@ class Command(BaseCommand):
             action="store_true",
             help="keep what the run created (default: delete it at the end)",
         )
+        parser.add_argument(
+            "--profile-sagas",
+            type=int,
+            help="lone sagas and no-op chains profiled step by step on a worker of their own "
+            "after the other phases; 0 skips the profile [20]",
+        )
         parser.add_argument("--json", metavar="PATH", help="write the report to PATH as JSON")
         parser.add_argument(
             "--scale",
             action="store_true",
             help="time the admin and API pages over the sagas in the database (seed_sagas first)",
+        )
+        parser.add_argument(
+            "--hops",
+            action="store_true",
+            help="measure what Celery's per-task machinery costs each hop instead: no-op chains "
+            "against a worker restarted per variant (events, logging, acks, results, ...); "
+            "takes --sagas (chains per burst) [300], --lone [30], --rounds [2], --saga-type, "
+            "--submitters, --concurrency, --timeout, --purge, --allow-foreign-workers",
         )
         parser.add_argument("--runs", type=int, help="--scale: timed requests per page [5]")
         parser.add_argument(
@@ -88,7 +104,11 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         path = self._json_path(options["json"])
         try:
-            if options["scale"]:
+            if options["hops"]:
+                config = HopsConfig(**self._hops_options(options))
+                report = run_hops(config, self._echo)
+                text = hops_table(report)
+            elif options["scale"]:
                 used = [flag for flag in THROUGHPUT_FLAGS if _given(options[flag])]
                 if used:
                     flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in used)
@@ -115,6 +135,28 @@ class Command(BaseCommand):
         if path is not None:
             path.write_text(json.dumps(report, indent=2, default=str) + "\n")
             self.stdout.write(f"\nreport written to {path}")
+
+    def _hops_options(self, options):
+        allowed = {
+            "sagas": "chains",
+            "lone": "lone",
+            "rounds": "rounds",
+            "saga_type": "saga_type",
+            "submitters": "submitters",
+            "concurrency": "concurrency",
+            "timeout": "timeout",
+            "purge": "purge",
+            "allow_foreign_workers": "allow_foreign_workers",
+        }
+        others = [
+            flag
+            for flag in (*THROUGHPUT_FLAGS, "runs", "stalled", "scale")
+            if flag not in allowed and _given(options[flag])
+        ]
+        if others:
+            flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in others)
+            raise CommandError(f"--hops takes no {flags}")
+        return {allowed[name]: options[name] for name in allowed if _given(options[name])}
 
     def _given(self, options, *names):
         return {name: options[name] for name in names if _given(options[name])}
