@@ -24,11 +24,12 @@ as the sweeper's comparisons do.
 
 from __future__ import annotations
 
+import uuid
+from functools import lru_cache
 from typing import Any
 
 from django.db import connection, transaction
-from django.db.models import BooleanField, F, Func, IntegerField, QuerySet
-from django.db.models.expressions import RawSQL
+from django.db.models import F, Func, IntegerField, QuerySet
 from django.db.models.functions import Coalesce, Now
 from django.db.models.sql import UpdateQuery
 
@@ -74,7 +75,7 @@ def claim_action(saga_id, *, index: int, step: str, last: bool) -> Saga | None:
     The last action's claim makes the saga COMPLETED (seen once the step
     commits); :func:`end_saga` stamps when it ended, after the step's work.
     """
-    return _update_returning(*_action_move(saga_id, index=index, step=step, last=last, ended=False))
+    return _returning(*_move("action", saga_id, index=index, step=step, last=last, ended=False))
 
 
 def end_saga(saga_id, *, row: SagaLog) -> None:
@@ -82,12 +83,11 @@ def end_saga(saga_id, *, row: SagaLog) -> None:
 
     One statement on PostgreSQL, two elsewhere; in the step's transaction.
     """
-    ends, values = Saga.objects.filter(pk=saga_id), _ended()
+    end_sql, end_params = _move("end", saga_id)
     if connection.vendor != "postgresql":
-        ends.update(**values)
-        row.save(force_insert=True)
+        _execute(end_sql, end_params)
+        insert_log(row)
         return
-    end_sql, end_params = _update_sql(ends, values)
     _insert_from(f"WITH ended AS ({end_sql} RETURNING 1)", "ended", end_params, row)
 
 
@@ -98,9 +98,7 @@ def claim_compensation(saga_id, *, index: int, name: str, due_below: int) -> Sag
     the next step up that has a compensation of its own (or the step count),
     so compensations run strictly newest first.
     """
-    return _update_returning(
-        *_compensation_move(saga_id, index=index, name=name, due_below=due_below)
-    )
+    return _returning(*_move("compensation", saga_id, index=index, name=name, due_below=due_below))
 
 
 def open_call(saga_id, *, index: int, marker: SagaLog) -> tuple[Saga | None, SagaLog | None]:
@@ -117,7 +115,7 @@ def open_call(saga_id, *, index: int, marker: SagaLog) -> tuple[Saga | None, Sag
         return Saga.objects.filter(pk=saga_id).first(), None
     columns, values, params = _insert_parts(marker)
     sagas, logs = _qn(Saga._meta.db_table), _qn(SagaLog._meta.db_table)
-    saga_columns = ", ".join(_qn(field.column) for field in Saga._meta.concrete_fields)
+    saga_columns = _saga_columns()
     # Names come from the models' meta; every value is a parameter.
     sql = (
         f"WITH s AS (SELECT {saga_columns} FROM {sagas} WHERE id = %s),"  # noqa: S608
@@ -127,16 +125,28 @@ def open_call(saga_id, *, index: int, marker: SagaLog) -> tuple[Saga | None, Sag
         " SELECT s.*, (SELECT id FROM m) AS marker_id FROM s"
     )
     runnable = [status.value for status in _RUNNABLE]
-    rows = list(Saga.objects.raw(sql, [saga_id, *params, *runnable, index]))
-    if not rows:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [_saga_pk(saga_id), *params, *runnable, index])
+        found = cursor.fetchone()
+    if found is None:
         return None, None
-    saga = rows[0]
-    if saga.marker_id is None:
+    saga, marker_id = _saga_from(found[:-1]), found[-1]
+    if marker_id is None:
         return saga, None
-    marker.pk = saga.marker_id
-    marker._state.adding = False
-    marker._state.db = connection.alias
-    return saga, marker
+    return saga, _saved(marker, marker_id)
+
+
+def insert_log(row: SagaLog) -> SagaLog:
+    """Insert a new log row: ``row.save()``'s one INSERT, without the model machinery around it."""
+    columns, values, params = _insert_parts(row)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {_qn(SagaLog._meta.db_table)} ({columns})"  # noqa: S608
+            f" VALUES ({values}) RETURNING id",
+            params,
+        )
+        _saved(row, cursor.fetchone()[0])
+    return row
 
 
 def close_call(saga_id, *, index: int, step: str, last: bool, marker: SagaLog) -> bool:
@@ -144,19 +154,23 @@ def close_call(saga_id, *, index: int, step: str, last: bool, marker: SagaLog) -
 
     False, writing nothing, if the counter was not where the action expects it.
     """
-    moves, values = _action_move(saga_id, index=index, step=step, last=last, ended=last)
-    fields = CLOSING_FIELDS
+    move_sql, move_params = _move("action", saga_id, index=index, step=step, last=last, ended=last)
     if connection.vendor != "postgresql":
         with transaction.atomic():
-            if not moves.update(**values):
+            if not _execute(move_sql, move_params):
                 return False
-            marker.save(update_fields=fields)
+            marker.save(update_fields=CLOSING_FIELDS)
         return True
-    move_sql, move_params = _update_sql(moves, values)
-    closes = SagaLog.objects.filter(pk=marker.pk).filter(
-        RawSQL("EXISTS (SELECT 1 FROM moved)", (), output_field=BooleanField())
+    closing = [SagaLog._meta.get_field(name) for name in CLOSING_FIELDS]
+    close_sql = (
+        f"UPDATE {_qn(SagaLog._meta.db_table)} SET "  # noqa: S608 - names from the model
+        + ", ".join(f"{_qn(field.column)} = %s" for field in closing)
+        + " WHERE id = %s AND EXISTS (SELECT 1 FROM moved)"
     )
-    close_sql, close_params = _update_sql(closes, {name: getattr(marker, name) for name in fields})
+    close_params = [
+        *(field.get_db_prep_save(getattr(marker, field.attname), connection) for field in closing),
+        marker.pk,
+    ]
     with connection.cursor() as cursor:
         cursor.execute(
             f"WITH moved AS ({move_sql} RETURNING 1) {close_sql}", (*move_params, *close_params)
@@ -168,14 +182,15 @@ def close_compensation_call(
     saga_id, *, index: int, name: str, due_below: int, row: SagaLog
 ) -> bool:
     """Move the undo cursor to external compensation ``index`` and insert ``row``, both or none."""
-    moves, values = _compensation_move(saga_id, index=index, name=name, due_below=due_below)
+    move_sql, move_params = _move(
+        "compensation", saga_id, index=index, name=name, due_below=due_below
+    )
     if connection.vendor != "postgresql":
         with transaction.atomic():
-            if not moves.update(**values):
+            if not _execute(move_sql, move_params):
                 return False
-            row.save(force_insert=True)
+            insert_log(row)
         return True
-    move_sql, move_params = _update_sql(moves, values)
     return _insert_from(f"WITH moved AS ({move_sql} RETURNING 1)", "moved", move_params, row)
 
 
@@ -222,11 +237,76 @@ def _update_sql(queryset: QuerySet, values: dict[str, Any]) -> tuple[str, tuple]
     return sql, tuple(params)
 
 
-def _update_returning(queryset: QuerySet, values: dict[str, Any]) -> Saga | None:
+def _end_move(saga_id) -> tuple[QuerySet, dict]:
+    return Saga.objects.filter(pk=saga_id), _ended()
+
+
+_MOVES = {"action": _action_move, "compensation": _compensation_move, "end": _end_move}
+# Compiled with this stand-in for the saga's id, which each call puts in its place.
+_ANY_SAGA = uuid.UUID(int=0)
+
+
+def _move(kind: str, saga_id, **key: Any) -> tuple[str, list]:
+    """The UPDATE of move ``kind`` for one saga: compiled once per step, then reused.
+
+    Compiling the ORM's UPDATE costs about as much as running it; only the
+    saga's id differs from one saga to the next.
+    """
+    sql, params, at = _compiled(connection.vendor, kind, tuple(sorted(key.items())))
+    params = list(params)
+    params[at] = _saga_pk(saga_id)
+    return sql, params
+
+
+@lru_cache(maxsize=1024)
+def _compiled(vendor: str, kind: str, key: tuple) -> tuple[str, tuple, int]:
+    queryset, values = _MOVES[kind](_ANY_SAGA, **dict(key))
     sql, params = _update_sql(queryset, values)
-    columns = ", ".join(_qn(field.column) for field in Saga._meta.concrete_fields)
-    rows = list(Saga.objects.raw(f"{sql} RETURNING {columns}", params))
-    return rows[0] if rows else None
+    return sql, params, params.index(_saga_pk(_ANY_SAGA))
+
+
+def _execute(sql: str, params: list) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
+
+
+def _saga_pk(saga_id):
+    return Saga._meta.pk.get_db_prep_value(saga_id, connection)
+
+
+def _returning(sql: str, params: list) -> Saga | None:
+    """Run an UPDATE of one saga with RETURNING its columns: the row as updated, or None."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"{sql} RETURNING {_saga_columns()}", params)
+        found = cursor.fetchone()
+    return None if found is None else _saga_from(found)
+
+
+def _saga_columns() -> str:
+    return ", ".join(_qn(field.column) for field in Saga._meta.concrete_fields)
+
+
+def _saga_from(values) -> Saga:
+    """A Saga from its columns' raw values, converted as a query's rows are."""
+    converted = []
+    for value, (column, converters) in zip(values, _converters(connection.vendor), strict=True):
+        for converter in converters:
+            value = converter(value, column, connection)
+        converted.append(value)
+    attnames = [field.attname for field in Saga._meta.concrete_fields]
+    return Saga.from_db(connection.alias, attnames, converted)
+
+
+@lru_cache(maxsize=4)
+def _converters(vendor: str) -> list[tuple[Any, list]]:
+    table = Saga._meta.db_table
+    pairs = []
+    for field in Saga._meta.concrete_fields:
+        column = field.get_col(table)
+        converters = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
+        pairs.append((column, converters))
+    return pairs
 
 
 def _insert_parts(row: SagaLog) -> tuple[str, str, list]:
@@ -257,10 +337,16 @@ def _insert_from(with_clause: str, source: str, with_params: tuple, row: SagaLog
         inserted = cursor.fetchone()
     if inserted is None:
         return False
-    row.pk = inserted[0]
+    _saved(row, inserted[0])
+    return True
+
+
+def _saved(row: SagaLog, pk: int) -> SagaLog:
+    """``row`` as saved with ``pk``: a later ``save()`` updates it."""
+    row.pk = pk
     row._state.adding = False
     row._state.db = connection.alias
-    return True
+    return row
 
 
 def _qn(name: str) -> str:

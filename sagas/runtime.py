@@ -162,7 +162,7 @@ class _Attempt:
         if row is self.marker:
             row.save(update_fields=CLOSING_FIELDS)
         else:
-            row.save(force_insert=True)
+            barrier.insert_log(row)
         return row
 
     def reply(self, status: str) -> dict[str, Any]:
