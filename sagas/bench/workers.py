@@ -1,14 +1,12 @@
 """The Celery workers a bench run starts itself, measures and stops.
 
-``celery -A config worker -P prefork -c 2`` on the saga type's queues and the
-bench's own, as a
-subprocess in its own session, with the bench's own settings module, database
-and broker, and ``--include`` of the bench's own tasks (the no-op chain, the
-plug-in's bare chain), which production workers never register. It is
-stopped with a warm shutdown, and its whole process group is killed if that
-does not end it, so no worker outlives the bench; on Linux the kernel also
-stops it if the bench itself is killed.
-"""
+``python -m config.worker -P prefork -c 2`` (the Procfile's worker) on the saga
+type's queues and the bench's own, as a subprocess in its own session, with the
+bench's own settings module, database and broker, and ``--include`` of the
+bench's own tasks (the no-op chain, the plug-in's bare chain), which production
+workers never register. It is stopped with a warm shutdown, and its whole
+process group is killed if that does not end it, so no worker outlives the
+bench; on Linux the kernel also stops it if the bench itself is killed."""
 
 from __future__ import annotations
 

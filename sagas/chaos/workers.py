@@ -1,11 +1,11 @@
 """Processes a chaos run owns: Celery workers, and a Redis broker it can restart.
 
-Workers are ``celery -A config worker`` subprocesses (prefork, one pool child
-each) with an environment built from the running settings, so that under
-pytest they reach the test database. Killing a worker's pool child is what a
-crash mid-task looks like: prefork replaces the child and, with
-``task_reject_on_worker_lost``, the broker hands its message out again at once.
-"""
+Workers are ``python -m config.worker`` subprocesses (``celery -A config
+worker``'s options, fewer imports; prefork, one pool child each) with an
+environment built from the running settings, so that under pytest they reach
+the test database. Killing a worker's pool child is what a crash mid-task looks
+like: prefork replaces the child and, with ``task_reject_on_worker_lost``, the
+broker hands its message out again at once."""
 
 from __future__ import annotations
 

@@ -95,25 +95,20 @@ def worker_argv(
     loglevel: str = "WARNING",
     gossip: bool = False,
 ) -> list[str]:
-    """``celery -A config worker`` (prefork) for a harness: no gossip or mingle, warnings only.
+    """The Procfile's worker (prefork) for a harness: no gossip or mingle, warnings only.
 
-    ``gossip`` and ``loglevel`` let the bench measure what they cost.
+    ``python -m config.worker`` takes ``celery -A config worker``'s options and
+    imports less (see config/worker.py), as production workers do. ``gossip``
+    and ``loglevel`` let the bench measure what they cost.
     """
     return [
-        *celery_command(),
-        *("-A", "config", "worker", "-P", "prefork", "-c", str(concurrency)),
+        *(sys.executable, "-m", "config.worker", "-P", "prefork", "-c", str(concurrency)),
         *(("-E",) if events else ()),
         *("-n", name, "-Q", ",".join(queues)),
         *(("--include", ",".join(includes)) if includes else ()),
         *(() if gossip else ("--without-gossip", "--without-mingle")),
         *("--loglevel", loglevel),
     ]
-
-
-def celery_command() -> list[str]:
-    """The `celery` of this virtualenv (or `python -m celery`)."""
-    celery = Path(sys.executable).with_name("celery")
-    return [str(celery)] if celery.exists() else [sys.executable, "-m", "celery"]
 
 
 def die_with_parent() -> Callable[[], None] | None:
