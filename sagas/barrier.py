@@ -284,7 +284,13 @@ def _returning(sql: str, params: list) -> Saga | None:
 
 
 def _saga_columns() -> str:
-    return ", ".join(_qn(field.column) for field in Saga._meta.concrete_fields)
+    return _columns(connection.vendor, Saga, tuple(f.attname for f in Saga._meta.concrete_fields))
+
+
+@lru_cache(maxsize=64)
+def _columns(vendor: str, model, attnames: tuple[str, ...]) -> str:
+    """The quoted column list of ``model``'s fields ``attnames``, built once per list."""
+    return ", ".join(_qn(model._meta.get_field(name).column) for name in attnames)
 
 
 def _saga_from(values) -> Saga:
@@ -315,14 +321,14 @@ def _insert_parts(row: SagaLog) -> tuple[str, str, list]:
     Fields left None are left out (the column's own NULL), so no untyped NULL
     meets a typed column in the SELECT list.
     """
-    fields = [
-        field
-        for field in SagaLog._meta.concrete_fields
-        if not field.primary_key and field.pre_save(row, add=True) is not None
-    ]
-    params = [field.get_db_prep_save(field.pre_save(row, add=True), connection) for field in fields]
-    columns = ", ".join(_qn(field.column) for field in fields)
-    return columns, ", ".join(["%s"] * len(fields)), params
+    fields, values = [], []
+    for field in SagaLog._meta.concrete_fields:
+        value = None if field.primary_key else field.pre_save(row, add=True)
+        if value is not None:
+            fields.append(field)
+            values.append(field.get_db_prep_save(value, connection))
+    columns = _columns(connection.vendor, SagaLog, tuple(field.attname for field in fields))
+    return columns, ", ".join(["%s"] * len(fields)), values
 
 
 def _insert_from(with_clause: str, source: str, with_params: tuple, row: SagaLog) -> bool:
