@@ -34,8 +34,10 @@ from __future__ import annotations
 import logging
 import random
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from celery import Task
@@ -219,21 +221,31 @@ def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str)
 
 
 def _claim_action(attempt: _Attempt) -> Saga:
-    """Move the saga past this action, in the caller's transaction; the saga as claimed.
+    """Move the saga past this action, in the caller's transaction; the saga as claimed."""
+    claim = partial(
+        barrier.claim_action,
+        attempt.saga_id,
+        index=attempt.index,
+        step=attempt.step.name,
+        last=attempt.last,
+    )
+    return _claimed(attempt, claim, _action_not_due)
 
-    Raises the outcome if the action is not due. A claim that matched nothing
-    reads the row under its lock to say why; if the action became due
-    meanwhile (its predecessor committed in between), it claims it then.
+
+def _claimed(
+    attempt: _Attempt,
+    claim: Callable[[], Saga | None],
+    not_due: Callable[[_Attempt, Saga], _Outcome | None],
+) -> Saga:
+    """The saga as ``claim`` moved it; raises the outcome if the step is not due.
+
+    A claim that matched nothing reads the row under its lock to say why; if
+    the step became due meanwhile (its predecessor committed in between), it
+    claims it then.
     """
-
-    def claim() -> Saga | None:
-        return barrier.claim_action(
-            attempt.saga_id, index=attempt.index, step=attempt.step.name, last=attempt.last
-        )
-
     saga = claim()
     if saga is None:
-        _raise_if(_action_not_due(attempt, _lock(attempt.saga_id)))
+        _raise_if(not_due(attempt, _lock(attempt.saga_id)))
         saga = claim()
     if saga is None:  # pragma: no cover - the row is locked and due: the claim matches
         raise _Outcome(SagaLog.Status.IGNORED, "lost the claim", continue_chain=False)
@@ -390,23 +402,15 @@ def _due_below(attempt: _Attempt) -> int:
 
 
 def _claim_compensation(attempt: _Attempt) -> Saga:
-    """Move the undo cursor to this compensation in the caller's transaction; see _claim_action."""
-
-    def claim() -> Saga | None:
-        return barrier.claim_compensation(
-            attempt.saga_id,
-            index=attempt.index,
-            name=attempt.name,
-            due_below=_due_below(attempt),
-        )
-
-    saga = claim()
-    if saga is None:
-        _raise_if(_compensation_not_due(attempt, _lock(attempt.saga_id)))
-        saga = claim()
-    if saga is None:  # pragma: no cover - the row is locked and due: the claim matches
-        raise _Outcome(SagaLog.Status.IGNORED, "lost the claim", continue_chain=False)
-    return saga
+    """Move the undo cursor to this compensation in the caller's transaction; see _claimed."""
+    claim = partial(
+        barrier.claim_compensation,
+        attempt.saga_id,
+        index=attempt.index,
+        name=attempt.name,
+        due_below=_due_below(attempt),
+    )
+    return _claimed(attempt, claim, _compensation_not_due)
 
 
 def _compensation_not_due(attempt: _Attempt, saga: Saga) -> _Outcome | None:
