@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.urls import Resolver404, resolve, reverse
 from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.authtoken.serializers import AuthTokenSerializer
 from rest_framework.authtoken.views import ObtainAuthToken
-from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.permissions import AllowAny
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from bookings.errors import (
@@ -117,6 +120,61 @@ class TokenObtainApi(ObtainAuthToken):
     )
     def post(self, request, *args, **kwargs):
         return super().post(request, *args, **kwargs)
+
+
+# What the API root lists: name -> URL name (see config/urls.py and config/api_urls.py).
+API_INDEX = {
+    "docs": "docs",
+    "schema": "schema",
+    "health": "healthz",
+    "auth_token": "auth-token",
+    "bookings": "bookings",
+    "inventory_items": "inventory-items",
+    "sagas": "sagas",
+    "saga_stats": "saga-stats",
+}
+
+
+class ApiRootApi(APIView):
+    """Where everything is: the docs, the schema and each collection's URL."""
+
+    permission_classes = [AllowAny]
+
+    @extend_schema(
+        operation_id="api_root",
+        auth=[],
+        responses=inline_serializer(
+            "ApiRoot", {name: serializers.URLField() for name in API_INDEX}
+        ),
+    )
+    def get(self, request):
+        return Response(
+            {name: request.build_absolute_uri(reverse(url)) for name, url in API_INDEX.items()}
+        )
+
+
+class ApiNotFoundApi(APIView):
+    """Any other path under /api/ (a malformed id too): the JSON error body, never HTML."""
+
+    permission_classes = [AllowAny]
+    renderer_classes = [JSONRenderer]
+
+    @extend_schema(exclude=True)
+    def get(self, request):  # pragma: no cover - initial() answers every method
+        raise NotFound()
+
+    def initial(self, request, *args, **kwargs):
+        detail = f"no API endpoint at {request.path}; GET /api/ lists them"
+        if not request.path.endswith("/") and _resolves_elsewhere(request.path + "/"):
+            detail = f"no API endpoint at {request.path}; did you mean {request.path}/ ?"
+        raise NotFound(detail)
+
+
+def _resolves_elsewhere(path: str) -> bool:
+    try:
+        return resolve(path).url_name != "api-not-found"
+    except Resolver404:
+        return False
 
 
 ERROR_SCHEMA = {

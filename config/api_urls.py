@@ -2,9 +2,10 @@
 
 from django.urls import include, path
 
-from config.api import TokenObtainApi
+from config.api import ApiRootApi, TokenObtainApi
 
 urlpatterns = [
+    path("", ApiRootApi.as_view(), name="api-root"),
     path("auth/token/", TokenObtainApi.as_view(), name="auth-token"),
     path("bookings/", include("bookings.urls")),
     path("inventory/", include("inventory.urls")),

@@ -74,6 +74,7 @@ def test_the_openapi_schema_and_the_docs_are_served_without_external_assets(clie
     assert schema.status_code == 200
     paths = schema.json()["paths"]
     assert set(paths) == {
+        "/api/",
         "/api/auth/token/",
         "/api/bookings/",
         "/api/bookings/{booking_id}/",
@@ -140,3 +141,55 @@ def test_the_api_answers_every_generated_request_within_its_schema(
         headers=staff_headers,
         checks=[not_a_server_error, status_code_conformance, response_schema_conformance],
     )
+
+
+# --- the API's root, and every other /api/ path --------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_api_root_lists_the_docs_and_every_collection(client_for):
+    response = client_for().get("/api/", HTTP_ACCEPT="application/json")
+
+    assert response.status_code == 200
+    index = response.json()
+    assert index["docs"] == "http://testserver/api/docs/"
+    assert index["schema"] == "http://testserver/api/schema/"
+    assert index["health"] == "http://testserver/healthz"
+    assert index["bookings"] == "http://testserver/api/bookings/"
+    assert index["sagas"] == "http://testserver/api/sagas/"
+    for url in index.values():
+        assert client_for().get(url).status_code != 404, url
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("path", "detail"),
+    [
+        ("/api/nothing-here/", "no API endpoint at /api/nothing-here/; GET /api/ lists them"),
+        ("/api/sagas/not-a-uuid/", "no API endpoint at /api/sagas/not-a-uuid/; GET /api/"),
+        ("/api/sagas", "no API endpoint at /api/sagas; did you mean /api/sagas/ ?"),
+    ],
+)
+@pytest.mark.parametrize("debug", [True, False])
+def test_any_other_api_path_answers_the_json_error_body_not_html(
+    client_for, settings, path, detail, debug
+):
+    settings.DEBUG = debug  # DEBUG's 404 page is HTML: it must not reach /api/
+
+    for method in ("get", "post", "delete"):
+        response = getattr(client_for(), method)(path, HTTP_ACCEPT="text/html")
+
+        assert response.status_code == 404, (method, path)
+        assert response["Content-Type"] == "application/json"
+        body = response.json()
+        assert body["code"] == "not_found"
+        assert body["detail"].startswith(detail)
+        assert set(body) == {"code", "detail", "errors"}
+
+
+@pytest.mark.django_db
+def test_the_schema_describes_the_root_and_not_the_catch_all(client_for):
+    schema = client_for().get("/api/schema/", HTTP_ACCEPT="application/json").json()
+
+    assert "/api/" in schema["paths"]
+    assert not [path for path in schema["paths"] if "^" in path or "nothing" in path]
