@@ -10,6 +10,7 @@ MANAGE := $(BIN)/python manage.py
 DEVSTACK := $(BIN)/python -m config.devstack
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+CHAOS_ARGS ?= --sagas 100 --workers 2
 
 # The version check, as a shell command: `$(call require_py311,PYTHON)`.
 require_py311 = $(1) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -18,12 +19,12 @@ require_py311 = $(1) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/de
 	exit 1; }
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test bench lint format migrate clean lock
+.PHONY: help install run test bench shell chaos lint format migrate clean lock
 
 help: ## List the targets
 	@echo "Backtrack: make <target>"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "Variables: PYTHON (default python3), PYTEST_ARGS, DATABASE_URL, REDIS_URL, FLOWER_BASIC_AUTH"
+	@echo "Variables: PYTHON (default python3), PYTEST_ARGS, BENCH_ARGS, CHAOS_ARGS, DATABASE_URL, REDIS_URL, FLOWER_BASIC_AUTH"
 
 $(BIN)/python:
 	@$(call require_py311,$(PYTHON))
@@ -55,6 +56,13 @@ test: lint ## Lint, then pytest against Redis and the database (PYTEST_ARGS="-x 
 bench: export PATH := $(CURDIR)/$(BIN):$(PATH)
 bench: install ## Benchmark sagas against a bare Celery chain (BENCH_ARGS="--sagas 200 --json bench.json")
 	$(DEVSTACK) redis-exec -- sh -c '$(MANAGE) migrate --no-input && $(MANAGE) bench $(BENCH_ARGS)'
+
+shell: install ## Django shell in .venv, on the same database and Redis as a running `make run`
+	$(MANAGE) shell
+
+chaos: export PATH := $(CURDIR)/$(BIN):$(PATH)
+chaos: install ## A chaos run with its own workers (CHAOS_ARGS="--sagas 200 --workers 2")
+	$(DEVSTACK) redis-exec -- sh -c '$(MANAGE) migrate --no-input && $(MANAGE) chaos $(CHAOS_ARGS)'
 
 lint: install ## ruff check, ruff format --check and the import contracts (lint-imports)
 	$(BIN)/ruff check .
