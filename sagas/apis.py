@@ -39,8 +39,11 @@ class SagaFilterSet(filters.FilterSet):
         model = Saga
         fields = ["status", "saga_type", "created_after", "created_before"]
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, data=None, *args, **kwargs):
+        if data is not None and data.get("status"):
+            data = data.copy()  # a request's QueryDict is immutable
+            data["status"] = data["status"].upper()  # ?status=failed reads as FAILED
+        super().__init__(data, *args, **kwargs)
         self.filters["saga_type"].extra["choices"] = [(name, name) for name in registry.names()]
 
 

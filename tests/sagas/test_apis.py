@@ -96,6 +96,8 @@ def test_sagas_filter_by_status_type_and_creation_window(customer, client_for):
         return [saga["id"] for saga in response.json()["results"]]
 
     assert ids({"status": "FAILED"}) == [str(failed.id)]
+    # Statuses read as the API writes them (FAILED), in any case.
+    assert ids({"status": "failed"}) == ids({"status": "Failed"}) == [str(failed.id)]
     assert ids({"saga_type": "booking_cancellation"}) == [str(recent_cancel.id)]
     assert ids({"created_after": half_an_hour_ago}) == [str(recent_cancel.id)]
     assert len(ids({"created_before": half_an_hour_ago})) == 2
