@@ -125,7 +125,7 @@ def render(report: dict[str, Any]) -> str:
     if deliveries["published"]:
         lines.append(
             f"  second deliveries recorded: {deliveries['recorded']} of "
-            f"{deliveries['published']} ({deliveries['by_outcome']})"
+            f"{deliveries['published']} (rows by outcome: {deliveries['by_outcome']})"
         )
     for kill in report["kills"]:
         lines.append(f"  killed pool process {kill['pid']} of {kill['worker']} at {kill['at_s']}s")

@@ -779,7 +779,8 @@ class ChaosRun:
         deadline = time.monotonic() + DRAIN_S
         while self.duplicate_ids and time.monotonic() < deadline:
             try:
-                if self._duplicate_rows().count() >= len(self.duplicate_ids):
+                copies = self._duplicate_rows().values("task_id").distinct().count()
+                if copies >= len(self.duplicate_ids):
                     return
             except CONNECTION_ERRORS:
                 forget_connection()
@@ -845,9 +846,10 @@ class ChaosRun:
         faults[BROKER_FLUSH] = len(self.flushes)
         faults[DATABASE_RESTART] = 1 if self.db_restart is not None else 0
         faults[DB_CONNECTIONS_DROP] = len(self.drops)
-        recorded = Counter(
-            status for status in self._duplicate_rows().values_list("status", flat=True)
-        )
+        rows = list(self._duplicate_rows().values_list("task_id", "status"))
+        # Rows by outcome; a copy lost with its killed worker leaves more than one.
+        recorded = Counter(status for _task_id, status in rows)
+        recorded_copies = len({task_id for task_id, _status in rows})
         order = [s for s in Saga.Status.values if statuses.get(s)]
         order.sort(key=lambda s: [*Saga.TERMINAL, s].index(s))
         return {
@@ -889,7 +891,7 @@ class ChaosRun:
             "faults": dict(faults),
             "duplicates": {
                 "published": len(self.duplicate_ids),
-                "recorded": sum(recorded.values()),
+                "recorded": recorded_copies,
                 "by_outcome": dict(recorded),
             },
             "kills": [vars(kill) for kill in self.pool.kills] if self.pool else [],

@@ -91,7 +91,10 @@ def test_the_ci_chaos_run_keeps_every_invariant(celery_worker, tmp_path):
         assert faults[kind] > 0, kind
     assert faults["worker_kill"] == 1
     assert faults["fail"] == by_status["COMPENSATED"]
+    # Every second delivery left a row; one lost with the killed worker leaves
+    # more than one (lost, then its outcome), so rows may outnumber copies.
     assert report["duplicates"]["recorded"] == report["duplicates"]["published"]
+    assert sum(report["duplicates"]["by_outcome"].values()) >= report["duplicates"]["published"]
     saga_ids = run_saga_ids(report)
     assert len(saga_ids) == 100
     assert SagaLog.objects.filter(saga_id__in=saga_ids, status="duplicate").exists()
