@@ -55,8 +55,6 @@ logger = logging.getLogger(__name__)
 
 ACTION = SagaLog.Phase.ACTION
 COMPENSATION = SagaLog.Phase.COMPENSATION
-# What an attempt's outcome writes over its STARTED row.
-CLOSING_FIELDS = barrier.CLOSING_FIELDS
 
 
 class _Outcome(Exception):
@@ -122,7 +120,6 @@ class _Attempt:
 
     def mark_started(self) -> None:
         """Record, before an external call goes out, that its effect may land from now on."""
-        self.called_out = True
         self.marker = self.log(SagaLog.Status.STARTED, may_have_effect=True)
 
     def row(
@@ -162,7 +159,7 @@ class _Attempt:
         """Write this attempt's log row (close the open marker, if any) with ``status``."""
         row = self.row(status, error=error, result=result, may_have_effect=may_have_effect)
         if row is self.marker:
-            row.save(update_fields=CLOSING_FIELDS)
+            row.save(update_fields=barrier.CLOSING_FIELDS)
         else:
             barrier.insert_log(row)
         return row

@@ -33,9 +33,8 @@ from sagas.bench.workers import (
     BenchError,
     WorkerPool,
     broker_url,
-    foreign_workers,
-    purge_queues,
-    queued_messages,
+    clear_queues,
+    refuse_foreign_workers,
 )
 from sagas.canvas import action_chain
 from sagas.definitions import SagaDefinition, registry
@@ -250,20 +249,8 @@ def run_hops(config: HopsConfig, echo) -> dict[str, Any]:
         raise ValueError(f"--saga-type: {exc}") from None
     steps = len(definition.steps)
     queues = (BENCH_QUEUE,)
-    waiting = queued_messages(queues)
-    if waiting and not config.purge:
-        raise BenchError(
-            f"the bench queue holds messages ({waiting}): pass --purge to drop them, "
-            "or use another REDIS_URL"
-        )
-    if config.purge:
-        purge_queues(queues)
-    others = foreign_workers(WorkerPool(queues=queues).nodename)
-    if others and not config.allow_foreign_workers:
-        raise BenchError(
-            f"other workers consume this broker ({', '.join(others)}): stop them, use "
-            "another REDIS_URL, or pass --allow-foreign-workers"
-        )
+    clear_queues(queues, purge=config.purge)
+    refuse_foreign_workers(WorkerPool(queues=queues).nodename, allow=config.allow_foreign_workers)
     report: dict[str, Any] = {
         "kind": "hops",
         "saga_type": definition.name,

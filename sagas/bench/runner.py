@@ -37,9 +37,8 @@ from sagas.bench.workers import (
     BenchError,
     WorkerPool,
     broker_url,
-    foreign_workers,
-    purge_queues,
-    queued_messages,
+    clear_queues,
+    refuse_foreign_workers,
 )
 from sagas.definitions import SagaDefinition
 from sagas.errors import UnknownSagaType
@@ -243,23 +242,11 @@ def _run(
     in_process = time_steps(harness, sagas=config.timed_sagas, offset=3)
 
     queues = (*queues_of(definition), BENCH_QUEUE)
-    waiting = queued_messages(queues)
-    if waiting and not config.purge:
-        raise BenchError(
-            f"the broker's queues hold messages from elsewhere ({waiting}); they would run "
-            "during the bench: pass --purge to drop them, or use another REDIS_URL"
-        )
-    if config.purge:
-        purge_queues(queues)
+    clear_queues(queues, purge=config.purge)
     pool = WorkerPool(
         concurrency=config.concurrency, queues=queues, includes=harness.worker_includes
     )
-    others = foreign_workers(pool.nodename)
-    if others and not config.allow_foreign_workers:
-        raise BenchError(
-            f"other workers consume this broker ({', '.join(others)}) and would take the "
-            "bench's tasks: stop them, use another REDIS_URL, or pass --allow-foreign-workers"
-        )
+    refuse_foreign_workers(pool.nodename, allow=config.allow_foreign_workers)
 
     offset = 3 + 2 * config.timed_sagas  # sagas started in this process so far
     timeout = config.timeout

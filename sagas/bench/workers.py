@@ -192,6 +192,16 @@ class WorkerPool:
         Path(self.logfile).unlink(missing_ok=True)
 
 
+def refuse_foreign_workers(nodename: str, *, allow: bool) -> None:
+    """Other workers on this broker would take the bench's tasks: refuse, unless ``allow``."""
+    others = foreign_workers(nodename)
+    if others and not allow:
+        raise BenchError(
+            f"other workers consume this broker ({', '.join(others)}) and would take the "
+            "bench's tasks: stop them, use another REDIS_URL, or pass --allow-foreign-workers"
+        )
+
+
 def foreign_workers(nodename: str) -> list[str]:
     """Other workers listening on this broker: they would take the bench's tasks."""
     replies = current_app.control.ping(timeout=1.0) or []
@@ -204,6 +214,19 @@ def queued_messages(queues: tuple[str, ...]) -> dict[str, int]:
     counts = {queue: int(client.llen(queue)) for queue in queues}
     counts["unacked"] = int(client.zcard("unacked_index"))
     return {name: n for name, n in counts.items() if n}
+
+
+def clear_queues(queues: tuple[str, ...], *, purge: bool) -> None:
+    """Refuse to run over messages already waiting in ``queues`` (they would run
+    during the measurement), or drop them if ``purge``."""
+    waiting = queued_messages(queues)
+    if waiting and not purge:
+        raise BenchError(
+            f"the bench's queues hold messages from elsewhere ({waiting}); they would run "
+            "during the bench: pass --purge to drop them, or use another REDIS_URL"
+        )
+    if purge:
+        purge_queues(queues)
 
 
 def purge_queues(queues: tuple[str, ...]) -> None:
