@@ -286,14 +286,30 @@ class ReadOnlyLogMixin(ReadOnlyAdminMixin):
     def task_link(self, obj: SagaLog):
         if not obj.task_id:
             return "\u2014"
+        # Imported here: this method is the only part of the module that needs them.
+        from urllib.parse import quote
+
+        from django.conf import settings
+
         # Celery task ids are long; the first characters tell rows apart and
         # the whole id is in the tooltip and on the log row's own page.
         short = obj.task_id if len(obj.task_id) <= 13 else f"{obj.task_id[:12]}\u2026"
         url = task_result_url(getattr(obj, "task_result_pk", None))
         if not url:
-            return format_html('<span title="{}">{}</span>', obj.task_id, short)
+            label = format_html('<span title="{}">{}</span>', obj.task_id, short)
+        else:
+            label = format_html(
+                '<a href="{}" title="Celery task result {}">{}</a>', url, obj.task_id, short
+            )
+        if not settings.FLOWER_URL:
+            return label
+        # Flower (FLOWER_URL) shows the task's arguments, worker, timing and traceback.
+        flower = f"{settings.FLOWER_URL}/task/{quote(obj.task_id, safe='')}"
         return format_html(
-            '<a href="{}" title="Celery task result {}">{}</a>', url, obj.task_id, short
+            '{} <a href="{}" title="Task {} in Flower" target="_blank" rel="noopener">Flower</a>',
+            label,
+            flower,
+            obj.task_id,
         )
 
     @admin.display(description="duration")

@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -38,6 +39,19 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
 
 def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+def env_http_url(name: str) -> str:
+    """An http(s) URL with a host, without its trailing slash; empty when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return ""
+    parts = urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ImproperlyConfigured(
+            f"{name}={raw!r} is not an http(s) URL with a host, e.g. http://localhost:5555"
+        )
+    return raw.rstrip("/")
 
 
 def postgres_session_options() -> dict:
@@ -400,6 +414,12 @@ SPECTACULAR_SETTINGS = {
         "config.api.add_error_responses",
     ],
 }
+
+# --- Flower -----------------------------------------------------------------
+# Where operators reach Flower (make run sets http://127.0.0.1:5555): the
+# admin links each saga log row to its task there, <FLOWER_URL>/task/<task id>.
+# Unset, no links. Flower lists only the tasks it saw events of while running.
+FLOWER_URL = env_http_url("FLOWER_URL")
 
 # --- Metrics ----------------------------------------------------------------
 # GET /metrics (sagas/metrics.py) answers staff users and, when this is set,

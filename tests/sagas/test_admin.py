@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import runpy
 import uuid
 from datetime import timedelta
 
 import pytest
+from django.conf import settings as django_settings
 from django.contrib.auth.models import Permission
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -28,6 +31,7 @@ COMPENSATION = SagaLog.Phase.COMPENSATION
 TRIP = "trip_booking"
 STEPS = ["reserve_flight", "reserve_hotel", "reserve_car", "charge_payment", "confirm_booking"]
 CHANGELIST = reverse("admin:sagas_saga_changelist")
+BASE_SETTINGS = django_settings.BASE_DIR / "config" / "settings" / "base.py"
 
 
 def change_url(saga: Saga) -> str:
@@ -530,6 +534,72 @@ def test_a_log_row_links_to_its_celery_task_result_when_one_exists(admin_client,
         q for q in queries.captured_queries if "django_celery_results_taskresult" in q["sql"]
     ]
     assert len(task_result_queries) == 1
+
+
+def test_with_flower_url_set_every_log_row_links_to_its_task_in_flower(
+    admin_client, seed, settings
+):
+    settings.FLOWER_URL = "http://localhost:5555"
+    saga = seed.saga(Status.COMPLETED)
+    logged = SagaLog.objects.filter(saga=saga, step="reserve_hotel").get()
+    result = TaskResult.objects.create(task_id=logged.task_id, status="SUCCESS")
+
+    html = admin_client.get(change_url(saga)).text
+
+    task_ids = list(SagaLog.objects.filter(saga=saga).values_list("task_id", flat=True))
+    for task_id in task_ids:
+        assert (
+            f'<a href="http://localhost:5555/task/{task_id}" title="Task {task_id} in Flower" '
+            'target="_blank" rel="noopener">Flower</a>'
+        ) in html
+    assert html.count(">Flower</a>") == len(task_ids)
+    # The stored result keeps its own link beside Flower's.
+    url = reverse("admin:django_celery_results_taskresult_change", args=[result.pk])
+    assert f'<a href="{url}" title="Celery task result {logged.task_id}">' in html
+    log_list = admin_client.get(reverse("admin:sagas_sagalog_changelist")).text
+    assert f'href="http://localhost:5555/task/{logged.task_id}"' in log_list
+
+
+def test_without_flower_url_no_log_row_links_to_flower(admin_client, seed, settings):
+    settings.FLOWER_URL = ""
+    saga = seed.saga(Status.COMPLETED)
+
+    html = admin_client.get(change_url(saga)).text
+
+    assert "/task/" not in html
+    assert ">Flower</a>" not in html
+
+
+def test_a_log_row_without_a_task_id_links_nowhere(admin_client, seed, settings):
+    settings.FLOWER_URL = "http://localhost:5555"
+    saga = seed.saga(Status.PENDING)
+    seed.log(saga, "reserve_flight", ACTION, LogStatus.STARTED, task_id="")
+
+    html = admin_client.get(change_url(saga)).text
+
+    assert "localhost:5555/task/" not in html
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("http://localhost:5555", "http://localhost:5555"),
+        ("https://flower.example.com/flower/", "https://flower.example.com/flower"),
+        ("", ""),
+    ],
+)
+def test_flower_url_takes_an_http_url_without_its_trailing_slash(monkeypatch, raw, expected):
+    monkeypatch.setenv("FLOWER_URL", raw)
+
+    assert runpy.run_path(str(BASE_SETTINGS))["FLOWER_URL"] == expected
+
+
+@pytest.mark.parametrize("raw", ["localhost:5555", "ftp://localhost:5555", "http://", "flower"])
+def test_a_flower_url_that_is_not_http_stops_the_settings_from_loading(monkeypatch, raw):
+    monkeypatch.setenv("FLOWER_URL", raw)
+
+    with pytest.raises(ImproperlyConfigured, match=r"FLOWER_URL=.* is not an http\(s\) URL"):
+        runpy.run_path(str(BASE_SETTINGS))
 
 
 def test_the_change_page_runs_a_constant_number_of_queries(admin_client, seed):
