@@ -1,5 +1,6 @@
 import gc
 import os
+from fnmatch import fnmatchcase
 
 from celery import Celery
 from celery.signals import task_prerun, worker_before_create_process, worker_process_init
@@ -7,6 +8,32 @@ from celery.signals import task_prerun, worker_before_create_process, worker_pro
 from sagas.leases import MessageLeases
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+
+
+class QuietMaintenanceTasks:
+    """Task annotation (CELERY_TASK_ANNOTATIONS): maintenance tasks send no task events.
+
+    Beat publishes the reconciler and the stall sweeper every 5 s each, 1,440
+    tasks an hour that would bury a saga's tasks in Flower, which lists tasks
+    from the workers' events. ``send_events = False`` on the task wins over
+    whatever turns a worker's events on (CELERY_WORKER_SEND_TASK_EVENTS, -E,
+    or Flower's enable_events broadcast every 5 s), so the tasks routed to the
+    maintenance queue need no worker of their own to stay out of Flower.
+    """
+
+    def annotate(self, task) -> dict | None:
+        from django.conf import settings
+
+        routes = task.app.conf.task_routes
+        if not isinstance(routes, dict):  # a router function or list: not ours to read
+            return None
+        quiet = any(
+            fnmatchcase(task.name, pattern)
+            for pattern, route in routes.items()
+            if isinstance(route, dict) and route.get("queue") == settings.MAINTENANCE_QUEUE
+        )
+        return {"send_events": False} if quiet else None
+
 
 app = Celery("backtrack")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -276,6 +276,9 @@ CELERY_TASK_ROUTES = {
     "sagas.recover_stalled": {"queue": MAINTENANCE_QUEUE},
     "*.purge_*": {"queue": MAINTENANCE_QUEUE},
 }
+# ...and send no task events wherever they run, so that Flower's task list
+# shows sagas, not a maintenance job every 2.5 s (config.celery_app).
+CELERY_TASK_ANNOTATIONS = ["config.celery_app.QuietMaintenanceTasks"]
 # Retention (README, "Retention"): beat deletes old rows in batches of
 # SAGA_RETENTION_BATCH, each its own short transaction, and a run stops after
 # SAGA_RETENTION_MAX_S (the next one continues).

@@ -70,3 +70,26 @@ def test_errbacks_stay_on_the_saga_queue():
     from config.celery_app import app
 
     assert app.amqp.router.route({}, "sagas.step_failed")["queue"].name == "sagas"
+
+
+def test_every_job_beat_schedules_sends_no_task_events():
+    """Flower lists tasks from their events: beat's jobs every 2.5 s would bury the sagas'."""
+    from config.celery_app import app
+
+    app.loader.import_default_modules()
+    scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+
+    assert scheduled >= {"sagas.reconcile_pending", "sagas.recover_stalled"}
+    assert {name: app.tasks[name].send_events for name in scheduled} == dict.fromkeys(
+        scheduled, False
+    )
+
+
+def test_saga_steps_and_errbacks_still_send_task_events():
+    from config.celery_app import app
+
+    app.loader.import_default_modules()
+    loud = [name for name in app.tasks if name.startswith(("trip_booking.", "sagas.step_failed"))]
+
+    assert "trip_booking.reserve_flight" in loud
+    assert all(app.tasks[name].send_events for name in loud)

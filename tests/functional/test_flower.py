@@ -174,6 +174,29 @@ def test_flower_shows_the_worker_and_the_tasks_of_a_saga(
     assert "trip_booking.reserve_flight" in worker["registered"]
 
 
+def test_flower_does_not_list_the_maintenance_jobs_beat_runs(flower, celery_worker):
+    wait_until_flower_receives_events(flower)
+    # Published as beat publishes them: to the maintenance queue, the worker's events on.
+    jobs = [
+        app.tasks[name].apply_async(queue=settings.MAINTENANCE_QUEUE)
+        for name in ("sagas.reconcile_pending", "sagas.recover_stalled")
+    ]
+    for job in jobs:
+        job.get(timeout=30)
+    assert celery_worker.app.conf.worker_send_task_events is True
+
+    # The worker sends its events in order: once Flower has a task sent after
+    # the jobs ended, it would have had theirs too.
+    wait_until_flower_receives_events(flower)
+    status, tasks = flower.get("/api/tasks")
+
+    assert status == 200
+    assert not {job.id for job in jobs} & set(tasks)
+    names = {task.get("name") for task in tasks.values()}
+    assert "celery.accumulate" in names
+    assert not names & {"sagas.reconcile_pending", "sagas.recover_stalled"}
+
+
 @pytest.mark.parametrize("path", ["/", "/api/workers", "/api/tasks"])
 @pytest.mark.parametrize("auth", [None, (USER, "wrong-pass"), ("intruder", PASSWORD)])
 def test_flower_refuses_requests_without_the_right_credentials(flower, path, auth):
