@@ -24,7 +24,7 @@ require_py311 = $(1) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/de
 help: ## List the targets
 	@echo "Backtrack: make <target>"
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-9s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
-	@echo "Variables: PYTHON (default python3), PYTEST_ARGS, BENCH_ARGS, CHAOS_ARGS, DATABASE_URL, REDIS_URL, FLOWER_BASIC_AUTH"
+	@echo "Variables: PYTHON (default python3), PYTEST_ARGS, BENCH_ARGS, CHAOS_ARGS, DATABASE_URL, REDIS_URL, FLOWER_BASIC_AUTH, WEB_PORT, FLOWER_PORT"
 
 $(BIN)/python:
 	@$(call require_py311,$(PYTHON))
@@ -39,15 +39,12 @@ install: $(STAMP) ## Create .venv and install the locked dependencies (again whe
 	@if [ pyproject.toml -nt requirements.lock ]; then \
 		echo "warning: pyproject.toml is newer than requirements.lock; run 'make lock' if dependencies changed" >&2; fi
 
+# config/devstack.py: migrate, seed_demo, config/Procfile under honcho, the banner once
+# everything answers; it holds the terminal, so Ctrl-C stops the stack and make exits 0.
 run: export PATH := $(CURDIR)/$(BIN):$(PATH)
 run: export FLOWER_BASIC_AUTH ?= flower:flower-dev
 run: install ## Migrate, seed the demo data and run web, worker, beat and Flower (Ctrl-C stops all)
-	@mkdir -p .run
-	$(DEVSTACK) redis-exec --publish .run/redis.url -- sh -c '\
-		$(MANAGE) migrate --no-input && \
-		$(MANAGE) seed_demo && \
-		$(DEVSTACK) banner && \
-		exec honcho -f config/Procfile -d . start'
+	@$(DEVSTACK) run
 
 
 test: lint ## Lint, then pytest against Redis and the database (PYTEST_ARGS="-x -k saga")
