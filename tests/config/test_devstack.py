@@ -300,6 +300,10 @@ def test_make_run_prints_the_banner_once_up_and_ctrl_c_stops_everything_with_exi
             assert process in started
         assert "celery -A config beat" in started
         assert "celery -A config flower" in started
+        # The admin's links to Flower (sagas.admin task_link) point at this Flower.
+        web_pids = [pid for pid, command in stack.items() if "gunicorn" in command]
+        environ = Path(f"/proc/{web_pids[0]}/environ").read_bytes().split(b"\0")
+        assert f"FLOWER_URL=http://127.0.0.1:{flower_port}".encode() in environ
 
         mark = len(terminal.output)
         os.write(terminal.fd, b"\x03")  # the terminal's interrupt character, as Ctrl-C
