@@ -260,8 +260,9 @@ def banner_text(stack: Stack, *, token: str | None = None, headline: str = UP) -
     return (
         f"\n  {headline}\n\n"
         + "\n".join(lines)
-        + "\n\n  Book a trip as the demo user (the answer's saga_url shows the saga; add"
-        + "\n  ?chaos=car to the URL to watch it compensate, or open Flower):\n\n"
+        + "\n\n  Book a trip as the demo user. The answer's saga_url, fetched with the same"
+        + "\n  Authorization header, follows its saga (so does Flower); bookings/?chaos=car"
+        + "\n  makes the car step fail, to watch it compensate:\n\n"
         + command
         + "\n"
     )

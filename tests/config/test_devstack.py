@@ -319,3 +319,23 @@ def test_make_run_prints_the_banner_once_up_and_ctrl_c_stops_everything_with_exi
         assert not (tree_copy / ".run" / "redis.url").exists()
     finally:
         terminal.close()
+
+
+# --- docker-compose.yml runs what config/Procfile runs ------------------------------
+
+
+def test_compose_runs_the_procfiles_worker_and_beat_with_the_same_options():
+    import yaml
+
+    procfile = {}
+    for line in (BASE_DIR / "config" / "Procfile").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, command = line.partition(":")
+            procfile[name] = command.strip().removeprefix("exec ")
+    services = yaml.safe_load((BASE_DIR / "docker-compose.yml").read_text())["services"]
+
+    assert set(procfile) == {"web", "worker", "beat", "flower"}
+    assert set(procfile) <= set(services)
+    for name in ("worker", "beat"):
+        assert services[name]["command"].split() == procfile[name].split()
+    assert services["web"]["environment"]["FLOWER_URL"] == "${FLOWER_URL:-http://localhost:5555}"
