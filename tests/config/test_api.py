@@ -84,6 +84,7 @@ def test_the_openapi_schema_and_the_docs_are_served_without_external_assets(clie
         "/api/sagas/{saga_id}/",
         "/api/sagas/{saga_id}/retry-compensation/",
         "/api/sagas/stats/",
+        "/api/sagas/live/",
         "/healthz",
     }
     create = paths["/api/bookings/"]["post"]["responses"]
