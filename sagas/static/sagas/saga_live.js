@@ -93,7 +93,7 @@
         item.appendChild(link(event.saga_id, event.saga_id.slice(0, 8)));
         item.appendChild(document.createTextNode(
           " " + event.saga_type + ": " + event.step + " (" + event.phase + ") " + event.status +
-          (event.attempt > 1 ? ", attempt " + event.attempt : "") + " \u2192 " + event.saga_status));
+          (event.attempt > 1 ? ", attempt " + event.attempt : "")));
         events.insertBefore(item, events.firstChild);
       });
       while (events.children.length > MAX_EVENTS) events.removeChild(events.lastChild);
