@@ -188,6 +188,19 @@ def test_any_other_api_path_answers_the_json_error_body_not_html(
         assert set(body) == {"code", "detail", "errors"}
 
 
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("path", "status"), [("/api/", 200), ("/api/sagas/", 401)])
+def test_a_browser_gets_json_from_the_api_too(client, path, status):
+    response = client.get(path, HTTP_ACCEPT=BROWSER_ACCEPT)
+
+    assert response.status_code == status
+    assert response["Content-Type"] == "application/json"
+    assert response.json()
+
+
 @pytest.mark.django_db
 def test_the_schema_describes_the_root_and_not_the_catch_all(client_for):
     schema = client_for().get("/api/schema/", HTTP_ACCEPT="application/json").json()
