@@ -803,3 +803,14 @@ def test_mark_resolved_reports_a_saga_that_was_already_resolved(admin_client, se
     assert messages_of(response) == [f"Saga {saga.pk}: saga was already resolved by hand by bob"]
     saga.refresh_from_db()
     assert saga.resolved_by == "bob"
+
+
+def test_the_saga_page_shows_times_to_the_second(admin_client, seed):
+    saga = seed.saga(Status.COMPLETED)
+    Saga.objects.filter(pk=saga.pk).update(
+        finished_at=timezone.make_aware(timezone.datetime(2026, 12, 2, 12, 7, 31))
+    )
+
+    response = admin_client.get(change_url(saga))
+
+    assert "2026-12-02 12:07:31" in response.text
