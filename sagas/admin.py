@@ -408,16 +408,6 @@ class SagaLogAdmin(ReadOnlyLogMixin, admin.ModelAdmin):
 # --- Saga ---------------------------------------------------------------------
 
 
-def graph_context(saga: Saga, rows: list[SagaLog]) -> dict:
-    """What ``admin/sagas/saga/graph.html`` needs: the first drawing and where to follow it."""
-    return {
-        "graph": feed.graph_data(saga, rows),
-        "graph_feed_url": reverse("saga-detail", args=[saga.pk]),
-        "graph_cursor": feed.next_cursor(rows, 0),
-        "graph_follow": not saga.is_terminal,
-    }
-
-
 UNKNOWN_TYPES_CACHE_KEY = "sagas:admin:unknown-types"
 
 
@@ -607,7 +597,7 @@ class SagaAdmin(admin.ModelAdmin):
             and not saga.is_resolved
             and self.has_operate_permission(request)
         )
-        return {**graph_context(saga, rows), "saga": saga, "can_act": can_act}
+        return {**feed.graph_page_context(saga, rows), "saga": saga, "can_act": can_act}
 
     # --- the live operations page ---------------------------------------------------
 

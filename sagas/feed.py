@@ -22,6 +22,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db.models import Count, QuerySet
+from django.urls import reverse
 from django.utils import timezone
 
 from sagas.definitions import registry
@@ -86,6 +87,16 @@ def graph_data(saga: Saga, rows: Sequence[SagaLog]) -> dict[str, Any] | None:
             }
             for column in timeline.columns
         ],
+    }
+
+
+def graph_page_context(saga: Saga, rows: Sequence[SagaLog]) -> dict[str, Any]:
+    """What ``admin/sagas/saga/graph.html`` needs: the first drawing and where to follow it."""
+    return {
+        "graph": graph_data(saga, rows),
+        "graph_feed_url": reverse("saga-detail", args=[saga.pk]),
+        "graph_cursor": next_cursor(rows, 0),
+        "graph_follow": not saga.is_terminal,
     }
 
 
