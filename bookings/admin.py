@@ -13,7 +13,12 @@ from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
 from bookings.models import Booking, BookingLine
+from inventory import selectors as inventory_selectors
+from payments import selectors as payment_selectors
+from sagas import feed
 from sagas.admin_support import EstimatedCountPaginator, ReadOnlyAdminMixin
+from sagas.models import Saga
+from sagas.selectors import saga_log
 
 
 class BookingLineInline(ReadOnlyAdminMixin, admin.TabularInline):
@@ -97,3 +102,46 @@ class BookingAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         if not links:
             return "\u2014"
         return format_html_join(" \u00b7 ", '<a href="{}">{}</a>', links)
+
+    # --- change page: the saga, why it ended, the holds and the money ---------------
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context.update(booking_page_context(obj))
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+
+def booking_page_context(booking: Booking) -> dict:
+    saga = Saga.objects.filter(pk=booking.saga_id).first() if booking.saga_id else None
+    context: dict = {"booking_saga": saga}
+    if saga is not None:
+        graph = feed.graph_page_context(saga, list(saga_log(saga_id=saga.pk)))
+        context.update(graph, booking_why=why_it_ended(saga, graph["graph"]))
+    references = [line.hold_reference for line in booking.lines.all()]
+    holds = inventory_selectors.holds_by_reference(references=references)
+    reference = f"booking:{booking.pk}"
+    return {
+        **context,
+        "holds": [holds[ref] for ref in references if ref in holds],
+        "charges": payment_selectors.charges_for_reference(reference=reference),
+        "refunds": payment_selectors.refunds_for_reference(reference=reference),
+    }
+
+
+def why_it_ended(saga: Saga, graph: dict | None) -> str:
+    """The booking saga's outcome in a sentence, for an operator."""
+    failing = (graph or {}).get("failing_action") or "a step"
+    if saga.status == Saga.Status.COMPLETED:
+        return "every step succeeded; the trip is confirmed."
+    if saga.status == Saga.Status.COMPENSATED:
+        return f"{failing} could not be completed, so every step already done was undone. " + (
+            saga.failure_reason or ""
+        )
+    if saga.status == Saga.Status.FAILED:
+        settled = (
+            f" Settled by {saga.resolved_by}: {saga.resolution}"
+            if saga.is_resolved
+            else " It waits for an operator on the saga page."
+        )
+        return f"undoing failed: {saga.failure_reason}.{settled}"
+    return f"still running ({saga.get_status_display().lower()})."

@@ -132,6 +132,7 @@ API_INDEX = {
     "inventory_items": "inventory-items",
     "sagas": "sagas",
     "saga_stats": "saga-stats",
+    "saga_live": "saga-live",
 }
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import DecimalField, Q, Sum, Value
+from django.db.models import DecimalField, F, Q, Sum, Value
 from django.db.models.functions import Coalesce
 
 from payments.gateways import get_gateway
@@ -25,6 +25,36 @@ class ChargeInfo:
     refunded_amount: Decimal
     gateway_charge_id: str
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class RefundInfo:
+    idempotency_key: str
+    charge_key: str
+    amount: Decimal
+    currency: str
+    gateway_refund_id: str
+    created_at: datetime
+
+
+def refunds_for_reference(*, reference: str) -> list[RefundInfo]:
+    """The refunds of the charges made for ``reference``, oldest first."""
+    refunds = (
+        Refund.objects.filter(charge__reference=reference)
+        .annotate(charge_key=F("charge__idempotency_key"))
+        .order_by("created_at", "id")
+    )
+    return [
+        RefundInfo(
+            idempotency_key=refund.idempotency_key,
+            charge_key=refund.charge_key,
+            amount=refund.amount,
+            currency=refund.currency,
+            gateway_refund_id=refund.gateway_refund_id,
+            created_at=refund.created_at,
+        )
+        for refund in refunds
+    ]
 
 
 def charge_for_key(*, idempotency_key: str) -> ChargeInfo | None:

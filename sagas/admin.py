@@ -31,15 +31,11 @@ from django.utils.html import format_html
 from django.views.decorators.http import require_POST
 from django_celery_results.models import TaskResult
 
-from sagas import services
-from sagas.admin_support import (
-    EstimatedCountPaginator,
-    ReadOnlyAdminMixin,
-    humanize_ms,
-    saga_timeline,
-)
+from sagas import feed, services
+from sagas.admin_support import EstimatedCountPaginator, ReadOnlyAdminMixin, humanize_ms
 from sagas.definitions import registry
 from sagas.errors import SagaError, UnknownSagaType
+from sagas.graph import step_now
 from sagas.models import Saga, SagaLog
 from sagas.selectors import saga_log
 
@@ -441,7 +437,7 @@ class SagaAdmin(admin.ModelAdmin):
         "created",
         "started",
         "duration",
-        "current_step",
+        "now_running",
     ]
     list_filter = ["status", SagaTypeFilter, CreatedFilter]
     # Only the indexed column may be sorted on; see Saga.Meta.indexes.
@@ -480,7 +476,7 @@ class SagaAdmin(admin.ModelAdmin):
                     "saga_type",
                     "status_badge",
                     "business_key",
-                    "current_step",
+                    ("now_running", "current_step"),
                     ("steps_done", "undo_cursor"),
                 ]
             },
@@ -506,6 +502,7 @@ class SagaAdmin(admin.ModelAdmin):
         "saga_type",
         "status_badge",
         "business_key",
+        "now_running",
         "current_step",
         "steps_done",
         "undo_cursor",
@@ -580,6 +577,14 @@ class SagaAdmin(admin.ModelAdmin):
             return format_html('<span title="still running">{} so far</span>', running)
         return humanize_ms(None)
 
+    @admin.display(description="running now")
+    def now_running(self, obj: Saga):
+        try:
+            definition = registry.get(obj.saga_type)
+        except UnknownSagaType:
+            return "\u2014"
+        return step_now(obj, definition) or "\u2014"
+
     # --- change page ------------------------------------------------------------
 
     @admin.display(description="failure reason")
@@ -602,18 +607,32 @@ class SagaAdmin(admin.ModelAdmin):
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     def saga_page_context(self, request, saga: Saga) -> dict:
-        try:
-            definition = registry.get(saga.saga_type)
-        except UnknownSagaType:
-            timeline = None
-        else:
-            timeline = saga_timeline(saga, definition, saga_log(saga_id=saga.pk))
+        rows = list(saga_log(saga_id=saga.pk))
         can_act = (
             saga.status == Saga.Status.FAILED
             and not saga.is_resolved
             and self.has_operate_permission(request)
         )
-        return {"timeline": timeline, "saga": saga, "can_act": can_act}
+        return {**feed.graph_page_context(saga, rows), "saga": saga, "can_act": can_act}
+
+    # --- the live operations page ---------------------------------------------------
+
+    def live_view(self, request):
+        if not self.has_view_or_change_permission(request):
+            raise PermissionDenied
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Sagas live",
+            "opts": self.opts,
+            "feed_url": reverse("saga-live"),
+            "change_url_template": reverse(
+                f"admin:{self.opts.app_label}_{self.opts.model_name}_change",
+                args=["00000000-0000-0000-0000-000000000000"],
+            ),
+            "types": registry.names(),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/sagas/saga/live.html", context)
 
     # --- object actions (buttons on the change page) ------------------------------
 
@@ -621,6 +640,7 @@ class SagaAdmin(admin.ModelAdmin):
         info = self.opts.app_label, self.opts.model_name
         view = self.admin_site.admin_view
         return [
+            path("live/", view(self.live_view), name="{}_{}_live".format(*info)),
             path(
                 "<path:object_id>/retry-compensation/",
                 view(require_POST(self.retry_compensation_view)),

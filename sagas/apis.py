@@ -23,7 +23,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from sagas import selectors, services
+from sagas import feed, selectors, services
 from sagas.definitions import registry
 from sagas.errors import SagaNotFound, UnknownSagaType
 from sagas.models import Saga, SagaLog
@@ -234,39 +234,226 @@ class SagaListApi(APIView):
         return paginator.get_paginated_response(output(page, many=True).data)
 
 
+class CursorSerializer(serializers.Serializer):
+    after = serializers.IntegerField(
+        required=False,
+        min_value=0,
+        error_messages={"invalid": "must be the cursor of an earlier answer (a whole number)."},
+    )
+
+
+AFTER_PARAMETER = OpenApiParameter(
+    "after",
+    str,
+    description=(
+        "The `cursor` of an earlier answer: only log rows recorded after it are listed. "
+        "Rows of the last few seconds can come again on the next poll (a row may commit "
+        "after a newer one); drop the ids you already have."
+    ),
+)
+
+
+class GraphCellSerializer(serializers.Serializer):
+    """One node: a step's action or its compensation."""
+
+    name = serializers.CharField()
+    state = serializers.ChoiceField(
+        choices=[
+            "running",
+            "retrying",
+            "succeeded",
+            "nothing",
+            "failed",
+            "timed_out",
+            "not_reached",
+            "pending",
+            "undone",
+            "skipped",
+            "idle",
+        ]
+    )
+    label = serializers.CharField()
+    attempts = serializers.IntegerField()
+    retries = serializers.IntegerField()
+    duplicates = serializers.IntegerField(help_text="Repeated or out-of-turn deliveries, ignored.")
+    failing = serializers.BooleanField(help_text="The step whose failure made the saga undo.")
+    healed = serializers.BooleanField(help_text="Failed once, then succeeded on a retry.")
+    order = serializers.IntegerField(help_text="Compensations: 1-based order they ran in.")
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    duration_ms = serializers.IntegerField(allow_null=True)
+
+
+class GraphStepSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    action = GraphCellSerializer()
+    compensation = GraphCellSerializer(allow_null=True)
+    flows_right = serializers.BooleanField(help_text="The forward path reached this step.")
+    flows_left = serializers.BooleanField(help_text="The rollback path went back past it.")
+    turn = serializers.BooleanField(help_text="The rollback began here.")
+
+
+class GraphSerializer(serializers.Serializer):
+    """The saga as a graph, from its type's definition and its log."""
+
+    status = serializers.ChoiceField(choices=Saga.Status.choices)
+    terminal = serializers.BooleanField(help_text="Ended: the graph no longer changes.")
+    resolved = serializers.BooleanField(help_text="FAILED, and settled by an operator.")
+    steps = GraphStepSerializer(many=True)
+    compensating = serializers.BooleanField()
+    failing_action = serializers.CharField()
+    failing_compensation = serializers.CharField()
+    notes = serializers.IntegerField(help_text="Operators' notes in the log.")
+    step_now = serializers.CharField(help_text="The action or compensation running now.")
+
+
 class SagaDetailApi(APIView):
+    """A saga, its graph and its log; with ``?after=``, the rows since an earlier answer."""
+
     permission_classes = [IsAuthenticated]
 
     class OutputSerializer(SagaOutputSerializer):
         log = serializers.SerializerMethodField()
+        cursor = serializers.SerializerMethodField(
+            help_text="Pass as `after` to get only what was recorded since."
+        )
+        graph = serializers.SerializerMethodField()
+        log_serializer = SagaLogOutputSerializer
 
         class Meta(SagaOutputSerializer.Meta):
-            fields = [*SagaOutputSerializer.Meta.fields, "log"]
+            fields = [*SagaOutputSerializer.Meta.fields, "cursor", "graph", "log"]
 
         @extend_schema_field(SagaLogOutputSerializer(many=True))
         def get_log(self, saga: Saga) -> list[dict]:
-            return SagaLogOutputSerializer(selectors.saga_log(saga_id=saga.id), many=True).data
+            return self.log_serializer(self.context["log"], many=True).data
+
+        def get_cursor(self, saga: Saga) -> str:
+            return str(self.context["cursor"])
+
+        @extend_schema_field(GraphSerializer(allow_null=True))
+        def get_graph(self, saga: Saga) -> dict | None:
+            return self.context["graph"]
 
     @extend_schema_serializer(component_name="SagaDetailApiOutput")
-    class StaffOutputSerializer(SagaStaffOutputSerializer):
-        """A saga and its whole log. Staff also get the fields marked "Staff only"."""
+    class StaffOutputSerializer(SagaStaffOutputSerializer, OutputSerializer):
+        """A saga, its graph and its log. Staff also get the fields marked "Staff only"."""
 
-        log = serializers.SerializerMethodField()
+        log_serializer = SagaLogStaffOutputSerializer
 
         class Meta(SagaStaffOutputSerializer.Meta):
-            fields = [*SagaStaffOutputSerializer.Meta.fields, "log"]
+            fields = [*SagaStaffOutputSerializer.Meta.fields, "cursor", "graph", "log"]
 
         @extend_schema_field(SagaLogStaffOutputSerializer(many=True))
         def get_log(self, saga: Saga) -> list[dict]:
-            return SagaLogStaffOutputSerializer(selectors.saga_log(saga_id=saga.id), many=True).data
+            return self.log_serializer(self.context["log"], many=True).data
 
-    @extend_schema(operation_id="sagas_retrieve", responses={200: StaffOutputSerializer})
+    @extend_schema(
+        operation_id="sagas_retrieve",
+        parameters=[AFTER_PARAMETER],
+        responses={200: StaffOutputSerializer},
+    )
     def get(self, request: Request, saga_id) -> Response:
+        cursor = CursorSerializer(data=request.query_params)
+        cursor.is_valid(raise_exception=True)
+        after = cursor.validated_data.get("after")
         saga = selectors.sagas_visible_to(request.user).filter(pk=saga_id).first()
         if saga is None:
             raise SagaNotFound(f"saga {saga_id} does not exist")
+        rows = list(selectors.saga_log(saga_id=saga.id))
+        new = rows if after is None else [row for row in rows if row.id > after]
+        context = {
+            "log": new,
+            "cursor": feed.next_cursor(new, after or 0),
+            "graph": feed.graph_data(saga, rows),
+        }
         output = self.StaffOutputSerializer if request.user.is_staff else self.OutputSerializer
-        return Response(output(saga).data)
+        return Response(output(saga, context=context).data)
+
+
+class SagaLiveApi(APIView):
+    """What is happening now: transitions since a cursor, sagas in flight, rates, FAILED sagas."""
+
+    permission_classes = [IsAuthenticated]
+
+    class OutputSerializer(serializers.Serializer):
+        class EventSerializer(serializers.Serializer):
+            id = serializers.IntegerField()
+            saga_id = serializers.UUIDField()
+            saga_type = serializers.CharField()
+            saga_status = serializers.ChoiceField(choices=Saga.Status.choices)
+            step = serializers.CharField()
+            phase = serializers.ChoiceField(choices=SagaLog.Phase.choices)
+            status = serializers.ChoiceField(choices=SagaLog.Status.choices)
+            attempt = serializers.IntegerField()
+            kind = serializers.ChoiceField(
+                choices=[
+                    "started",
+                    "step_done",
+                    "called_out",
+                    "retrying",
+                    "completed",
+                    "compensating",
+                    "undone",
+                    "compensated",
+                    "failed",
+                    "ignored",
+                    "operator",
+                ]
+            )
+            at = serializers.DateTimeField()
+            duration_ms = serializers.IntegerField()
+
+        class InFlightSerializer(serializers.Serializer):
+            saga_type = serializers.CharField()
+            status = serializers.ChoiceField(choices=Saga.Status.choices)
+            step = serializers.CharField(help_text="The action or compensation running now.")
+            count = serializers.IntegerField()
+
+        class RatesSerializer(serializers.Serializer):
+            started = serializers.IntegerField()
+            completed = serializers.IntegerField()
+            compensated = serializers.IntegerField()
+            failed = serializers.IntegerField()
+
+        class AwaitingSerializer(serializers.Serializer):
+            count = serializers.IntegerField(help_text=f"Capped at {feed.AWAITING_COUNTED + 1}.")
+            sagas = SagaStaffOutputSerializer(many=True)
+
+        cursor = serializers.CharField(help_text="Pass as `after` on the next poll.")
+        events = EventSerializer(many=True, help_text="Transitions after the cursor, oldest first.")
+        in_flight = InFlightSerializer(many=True)
+        rates_per_minute = serializers.DictField(
+            child=RatesSerializer(), help_text="By saga type, over the last minute."
+        )
+        awaiting_operator = AwaitingSerializer(help_text="FAILED sagas no operator settled yet.")
+
+    @extend_schema(
+        operation_id="sagas_live",
+        parameters=[AFTER_PARAMETER],
+        responses={200: OutputSerializer},
+    )
+    def get(self, request: Request) -> Response:
+        cursor = CursorSerializer(data=request.query_params)
+        cursor.is_valid(raise_exception=True)
+        user = request.user
+        sagas = selectors.sagas_visible_to(user)
+        events, next_cursor = feed.transitions(
+            owner=None if user.is_staff else user, after=cursor.validated_data.get("after")
+        )
+        failed, failed_count = feed.awaiting_operator(sagas)
+        output = SagaStaffOutputSerializer if user.is_staff else SagaOutputSerializer
+        return Response(
+            {
+                "cursor": str(next_cursor),
+                "events": self.OutputSerializer.EventSerializer(events, many=True).data,
+                "in_flight": feed.in_flight(sagas),
+                "rates_per_minute": feed.rates(sagas),
+                "awaiting_operator": {
+                    "count": failed_count,
+                    "sagas": output(failed, many=True).data,
+                },
+            }
+        )
 
 
 class SagaStatsApi(APIView):

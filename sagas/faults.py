@@ -12,7 +12,7 @@ a worker needs no global switch and every fault is tied to one saga:
         "transient": {"reserve_hotel": 2},        # first 2 attempts fail, then it works
         "compensation_fail": ["release_hotel"],   # compensation always fails
         "compensation_transient": {"refund_payment": 1},
-        "delay_ms": {"reserve_hotel": 200},       # sleep before the action
+        "delay_ms": {"reserve_hotel": 200},       # sleep before the action (or compensation)
         "crash": ["reserve_car", "release_hotel"],  # kill the worker process, first delivery
     }
 
@@ -78,9 +78,7 @@ def before_action(saga: Saga, step: str, attempt: int, *, first_delivery: bool =
     if not plan:
         return
     _maybe_crash(plan, step, first_delivery=first_delivery)
-    delay_ms = plan.get("delay_ms", {}).get(step)
-    if delay_ms:
-        time.sleep(delay_ms / 1000)
+    _maybe_delay(plan, step)
     if step in plan.get("fail", ()):
         raise ChaosFailure(f"chaos: {step} fails")
     if attempt <= plan.get("transient", {}).get(step, 0):
@@ -95,12 +93,19 @@ def before_compensation(
     if not plan:
         return
     _maybe_crash(plan, step, first_delivery=first_delivery)
+    _maybe_delay(plan, step)
     if step in plan.get("compensation_fail", ()):
         raise ChaosFailure(f"chaos: compensation of {step} fails")
     if attempt <= plan.get("compensation_transient", {}).get(step, 0):
         raise ChaosTransientError(
             f"chaos: compensation of {step} fails transiently (attempt {attempt})"
         )
+
+
+def _maybe_delay(plan: dict[str, Any], step: str) -> None:
+    delay_ms = plan.get("delay_ms", {}).get(step)
+    if delay_ms:
+        time.sleep(delay_ms / 1000)
 
 
 def _maybe_crash(plan: dict[str, Any], step: str, *, first_delivery: bool) -> None:

@@ -19,6 +19,9 @@ Families (``saga_type`` is ``Saga.saga_type``):
   in that terminal status;
 - ``backtrack_sagas_in_progress{saga_type,status}`` gauge for PENDING,
   RUNNING and COMPENSATING;
+- ``backtrack_sagas_awaiting_operator{saga_type}`` gauge: FAILED sagas that no
+  operator has resolved yet (``Saga.resolved_at`` is null), the ones someone
+  has to look at; counted by the same query as the others;
 - ``backtrack_saga_duration_seconds{saga_type}`` histogram of
   ``Saga.duration_ms`` (set when a saga ends);
 - ``backtrack_saga_step_duration_seconds{step,phase}`` histogram of
@@ -27,12 +30,13 @@ Families (``saga_type`` is ``Saga.saga_type``):
   and ``compensation`` phases. Step names are unique within a saga type; a
   ``saga_type`` label would need a join of SagaLog to Saga on every refresh.
 
-Cost: two GROUP BY queries, buckets by conditional aggregation: one over
-Saga for every saga family at once, one over the recent SagaLog rows. They
-run at most once per ``METRICS_CACHE_S`` seconds (default 15) per process;
-in between, scrapes are served from the families cached in the process,
-without a query. The Saga query scans the table: about 0.3 s for 1,000,000
-sagas on PostgreSQL 15 (parallel seq scan), so a warm refresh takes ~0.3 s.
+Cost: two GROUP BY queries, buckets and unresolved FAILED sagas by
+conditional aggregation: one over Saga for every saga family at once, one
+over the recent SagaLog rows. They run at most once per ``METRICS_CACHE_S``
+seconds (default 15) per process; in between, scrapes are served from the
+families cached in the process, without a query. The Saga query scans the
+table: about 0.3 s for 1,000,000 sagas on PostgreSQL 15 (parallel seq scan),
+so a warm refresh takes ~0.3 s.
 
 SagaLog is append-only and grows fastest (5,000,000 rows is plausible), so
 the step histogram is aggregated incrementally. Each process keeps the
@@ -265,13 +269,20 @@ class SagaCollector(Collector):
     def _saga_families(self, known_types: set[str]) -> list[Metric]:
         rows = (
             Saga.objects.values("saga_type", "status")
-            .annotate(sagas=Count("id"), **_bucket_aggregates(SAGA_BUCKETS_S))
+            .annotate(
+                sagas=Count("id"),
+                # A filtered count in the same scan, not a second query.
+                unresolved=Count("id", filter=Q(status=Status.FAILED, resolved_at__isnull=True)),
+                **_bucket_aggregates(SAGA_BUCKETS_S),
+            )
             .order_by()
         )
         by_status: dict[str, dict[str, int]] = defaultdict(dict)
+        unresolved: dict[str, int] = defaultdict(int)
         durations: dict[str, _Histogram] = {}
         for row in rows:
             by_status[row["saga_type"]][row["status"]] = row["sagas"]
+            unresolved[row["saga_type"]] += row["unresolved"]
             durations.setdefault(row["saga_type"], _Histogram(len(SAGA_BUCKETS_S))).add_row(row)
         saga_types = sorted(known_types | by_status.keys())
 
@@ -293,6 +304,11 @@ class SagaCollector(Collector):
             "Sagas not finished yet, by status.",
             labels=["saga_type", "status"],
         )
+        awaiting_operator = GaugeMetricFamily(
+            "backtrack_sagas_awaiting_operator",
+            "FAILED sagas no operator has resolved yet.",
+            labels=["saga_type"],
+        )
         duration = HistogramMetricFamily(
             "backtrack_saga_duration_seconds",
             "Duration of finished sagas, from start to their terminal status.",
@@ -305,6 +321,7 @@ class SagaCollector(Collector):
                 family.add_metric([saga_type], counts.get(status, 0))
             for status in IN_PROGRESS:
                 in_progress.add_metric([saga_type, status], counts.get(status, 0))
+            awaiting_operator.add_metric([saga_type], unresolved.get(saga_type, 0))
             histogram = durations.get(saga_type) or _Histogram(len(SAGA_BUCKETS_S))
             duration.add_metric(
                 [saga_type], histogram.samples(SAGA_BUCKETS_S), histogram.sum_ms / 1000
@@ -319,7 +336,7 @@ class SagaCollector(Collector):
             waiting = sum(by_status[saga_type].get(status, 0) for status in IN_PROGRESS)
             if waiting:
                 unknown.add_metric([saga_type], waiting)
-        return [started, *finished.values(), in_progress, duration, unknown]
+        return [started, *finished.values(), in_progress, awaiting_operator, duration, unknown]
 
     def _step_family(self, known_types: set[str]) -> Metric:
         lag = timedelta(seconds=getattr(settings, "METRICS_STEP_LAG_S", 60))

@@ -39,6 +39,7 @@ class Saga(models.Model):
         db_index=False,
     )
     context = models.JSONField(default=dict, blank=True)
+    # The last step or compensation that moved the saga (what runs now: sagas.graph.step_now).
     current_step = models.CharField(max_length=64, blank=True)
     steps_done = models.PositiveSmallIntegerField(default=0)
     undo_cursor = models.PositiveSmallIntegerField(default=0)

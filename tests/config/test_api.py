@@ -84,6 +84,7 @@ def test_the_openapi_schema_and_the_docs_are_served_without_external_assets(clie
         "/api/sagas/{saga_id}/",
         "/api/sagas/{saga_id}/retry-compensation/",
         "/api/sagas/stats/",
+        "/api/sagas/live/",
         "/healthz",
     }
     create = paths["/api/bookings/"]["post"]["responses"]
@@ -185,6 +186,19 @@ def test_any_other_api_path_answers_the_json_error_body_not_html(
         assert body["code"] == "not_found"
         assert body["detail"].startswith(detail)
         assert set(body) == {"code", "detail", "errors"}
+
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("path", "status"), [("/api/", 200), ("/api/sagas/", 401)])
+def test_a_browser_gets_json_from_the_api_too(client, path, status):
+    response = client.get(path, HTTP_ACCEPT=BROWSER_ACCEPT)
+
+    assert response.status_code == status
+    assert response["Content-Type"] == "application/json"
+    assert response.json()
 
 
 @pytest.mark.django_db

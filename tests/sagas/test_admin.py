@@ -18,8 +18,9 @@ from django.utils import timezone
 from django_celery_results.models import TaskResult
 
 from sagas import admin_support
-from sagas.admin_support import EstimatedCountPaginator, humanize_ms, saga_timeline
+from sagas.admin_support import EstimatedCountPaginator, humanize_ms
 from sagas.definitions import registry
+from sagas.graph import saga_timeline
 from sagas.models import Saga, SagaLog
 
 pytestmark = pytest.mark.django_db
@@ -398,13 +399,13 @@ def test_the_change_page_renders_read_only_for_a_saga_in_every_status(admin_clie
     assert not inline.has_delete_permission
 
 
-def cells(response, phase: str) -> dict[str, str]:
-    timeline = response.context["timeline"]
-    attr = "action" if phase == ACTION else "compensation"
+def cells(response, phase: str, field: str = "state") -> dict[str, str]:
+    """The graph the page draws first: each node's ``field`` by name."""
+    graph = response.context["graph"]
     return {
-        getattr(c, attr).name: getattr(c, attr).state
-        for c in timeline.columns
-        if getattr(c, attr) is not None
+        step[phase]["name"]: step[phase][field]
+        for step in graph["steps"]
+        if step[phase] is not None
     }
 
 
@@ -428,18 +429,22 @@ def test_the_timeline_of_a_failed_saga_marks_the_failing_step_and_the_failed_com
         "release_car": "undone",
         "refund_payment": "idle",
     }
-    html = response.text
-    assert re.search(
-        r'data-phase="action" data-step="charge_payment"[^>]*data-failing="true"', html
+    failing = {
+        name
+        for phase in (ACTION, COMPENSATION)
+        for name, f in cells(response, phase, "failing").items()
+        if f
+    }
+    assert failing == {"charge_payment", "release_hotel"}
+    graph = response.context["graph"]
+    assert (graph["failing_action"], graph["failing_compensation"]) == (
+        "charge_payment",
+        "release_hotel",
     )
-    assert re.search(
-        r'data-phase="compensation" data-step="release_hotel"[^>]*data-failing="true"', html
-    )
-    assert html.count('data-failing="true"') == 2
-    assert "Failing step: <strong>charge_payment</strong>" in html
-    assert "2 retries" in html  # charge_payment's two retries before it failed
-    assert "5 retries" in html  # release_hotel's
-    assert "compensation of release_hotel exhausted its retries" in html
+    assert cells(response, ACTION, "retries")["charge_payment"] == 2
+    assert cells(response, COMPENSATION, "retries")["release_hotel"] == 5
+    assert "error" not in graph["steps"][0]["action"]  # raw errors stay in the staff log
+    assert "compensation of release_hotel exhausted its retries" in response.text
 
 
 def test_the_timeline_of_a_compensated_saga_shows_every_compensation_undone_right_to_left(
@@ -455,11 +460,18 @@ def test_the_timeline_of_a_compensated_saga_shows_every_compensation_undone_righ
         "release_car": "undone",
         "refund_payment": "idle",
     }
-    timeline = response.context["timeline"]
-    orders = {c.compensation.name: c.compensation.order for c in timeline.columns[:3]}
-    assert orders == {"release_car": 1, "release_hotel": 2, "release_flight": 3}
-    assert [c.turn for c in timeline.columns] == [False, False, False, True, False]
-    assert "no compensation" in response.text  # confirm_booking has none
+    orders = cells(response, COMPENSATION, "order")
+    assert orders == {
+        "release_car": 1,
+        "release_hotel": 2,
+        "release_flight": 3,
+        "refund_payment": 0,
+    }
+    graph = response.context["graph"]
+    assert [step["turn"] for step in graph["steps"]] == [False, False, False, True, False]
+    assert graph["steps"][4]["compensation"] is None  # confirm_booking has none
+    assert graph["terminal"]
+    assert response.context["graph_follow"] is False
 
 
 def test_the_timeline_of_a_running_saga_shows_the_step_in_progress_and_no_compensations(
@@ -476,8 +488,12 @@ def test_the_timeline_of_a_running_saga_shows_the_step_in_progress_and_no_compen
         "charge_payment": "not_reached",
         "confirm_booking": "not_reached",
     }
-    assert not response.context["timeline"].compensating
-    assert 'data-phase="compensation"' not in response.text
+    graph = response.context["graph"]
+    assert not graph["compensating"]
+    assert graph["step_now"] == "reserve_car"
+    assert response.context["graph_follow"] is True
+    assert 'data-follow="true"' in response.text
+    assert f'data-feed-url="/api/sagas/{saga.pk}/"' in response.text
 
 
 def test_a_step_that_timed_out_is_compensated_too(seed):
@@ -491,7 +507,7 @@ def test_a_step_that_timed_out_is_compensated_too(seed):
     timeline = saga_timeline(saga, registry.get(TRIP), SagaLog.objects.filter(saga=saga))
 
     hotel = timeline.columns[1]
-    assert (hotel.action.label, hotel.action.failing) == ("timed out", True)
+    assert (hotel.action.state, hotel.action.failing) == ("timed_out", True)
     assert (hotel.compensation.state, hotel.compensation.label) == ("skipped", "nothing to undo")
     assert hotel.turn
     assert timeline.columns[1].flows_left  # from release_hotel back to release_flight
@@ -857,3 +873,14 @@ def test_mark_resolved_reports_a_saga_that_was_already_resolved(admin_client, se
     assert messages_of(response) == [f"Saga {saga.pk}: saga was already resolved by hand by bob"]
     saga.refresh_from_db()
     assert saga.resolved_by == "bob"
+
+
+def test_the_saga_page_shows_times_to_the_second(admin_client, seed):
+    saga = seed.saga(Status.COMPLETED)
+    Saga.objects.filter(pk=saga.pk).update(
+        finished_at=timezone.make_aware(timezone.datetime(2026, 12, 2, 12, 7, 31))
+    )
+
+    response = admin_client.get(change_url(saga))
+
+    assert "2026-12-02 12:07:31" in response.text

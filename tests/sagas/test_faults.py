@@ -89,3 +89,18 @@ def test_a_planned_crash_ends_the_process_on_the_first_delivery_only(
 
 def test_a_crash_is_a_first_delivery_by_default_so_older_callers_still_crash():
     assert _run_fault("before_action", "reserve_car", "default") == CRASH_EXIT_STATUS
+
+
+@pytest.mark.parametrize("hook", ["before_action", "before_compensation"])
+def test_a_planned_delay_holds_the_step_or_compensation_it_names(hook, monkeypatch):
+    from sagas import faults
+    from sagas.models import Saga
+
+    slept = []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    saga = Saga(context={"chaos": {"delay_ms": {"release_hotel": 1500}}})
+
+    getattr(faults, hook)(saga, "release_hotel", 1)
+    getattr(faults, hook)(saga, "release_car", 1)
+
+    assert slept == [1.5]

@@ -101,6 +101,36 @@ def test_saga_counters_and_gauges_equal_the_rows():
     assert value(samples, "backtrack_sagas_in_progress", status="RUNNING", **cancellation) == 0
 
 
+def test_failed_sagas_no_operator_resolved_are_awaiting_one():
+    make_saga("FAILED")
+    make_saga("FAILED")
+    resolved = make_saga("FAILED")
+    resolved.resolved_at = timezone.now()
+    resolved.resolved_by = "ops"
+    resolved.save(update_fields=["resolved_at", "resolved_by"])
+    make_saga("COMPENSATED")
+    make_saga("COMPENSATING")  # an operator's retry under way: not waiting for anyone
+    make_saga("FAILED", saga_type="booking_cancellation")
+
+    samples = scrape()
+
+    assert value(samples, "backtrack_sagas_awaiting_operator", saga_type=TRIP) == 2
+    assert value(samples, "backtrack_sagas_failed_total", saga_type=TRIP) == 3
+    assert (
+        value(samples, "backtrack_sagas_awaiting_operator", saga_type="booking_cancellation") == 1
+    )
+
+
+def test_a_refresh_runs_one_query_over_sagas_and_one_over_the_log(django_assert_num_queries):
+    make_saga("FAILED")
+
+    with django_assert_num_queries(2) as captured:
+        scrape()
+
+    tables = [query["sql"].split(" FROM ", 1)[1].split()[0] for query in captured.captured_queries]
+    assert sorted(tables) == ['"sagas_saga"', '"sagas_sagalog"']
+
+
 def test_sagas_in_flight_of_a_type_no_deployed_code_declares_are_counted():
     make_saga("PENDING", saga_type="retired_type")
     make_saga("RUNNING", saga_type="retired_type")
@@ -118,6 +148,7 @@ def test_a_registered_saga_type_without_rows_reports_zeros():
 
     assert value(samples, "backtrack_sagas_started_total", saga_type=TRIP) == 0
     assert value(samples, "backtrack_sagas_in_progress", saga_type=TRIP, status="RUNNING") == 0
+    assert value(samples, "backtrack_sagas_awaiting_operator", saga_type=TRIP) == 0
     assert value(samples, "backtrack_saga_duration_seconds_count", saga_type=TRIP) == 0
 
 

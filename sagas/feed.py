@@ -1,0 +1,266 @@
+"""The live feed: what changed since a cursor, for the admin's live pages and API clients.
+
+Pages poll it (``GET /api/sagas/<id>/?after=<cursor>`` and
+``GET /api/sagas/live/?after=<cursor>``) instead of holding a stream open:
+each poll is a short request of a few indexed queries, so a few open pages
+cost a web worker a few milliseconds a second, not a whole sync worker each
+(see the README, "Watching a saga").
+
+The cursor is a SagaLog id. Ids are taken at INSERT, but rows commit in any
+order: a row with a smaller id can become visible after a larger one was
+read. So the cursor handed back never passes a row that finished less than
+``SAGA_FEED_SETTLE_S`` ago: rows of the last few seconds come again on the
+next polls (clients drop the ids they have), and a row whose transaction
+commits within that time after it finished is never skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Count, QuerySet
+from django.urls import reverse
+from django.utils import timezone
+
+from sagas.definitions import registry
+from sagas.errors import UnknownSagaType
+from sagas.graph import TimelineCell, saga_timeline, step_now
+from sagas.models import Saga, SagaLog
+
+Status = Saga.Status
+LogStatus = SagaLog.Status
+IN_FLIGHT = (Status.PENDING, Status.RUNNING, Status.COMPENSATING)
+# A page's first poll shows this many of the latest transitions; later polls at most EVENTS_PAGE.
+FIRST_EVENTS = 30
+EVENTS_PAGE = 200
+RATE_WINDOW_S = 60
+AWAITING_SHOWN = 20
+# "1000+": counting every FAILED saga at a million rows is not worth a poll.
+AWAITING_COUNTED = 1000
+
+
+def settle_s() -> float:
+    return float(getattr(settings, "SAGA_FEED_SETTLE_S", 5))
+
+
+def next_cursor(rows: Sequence[SagaLog], after: int) -> int:
+    """The id to read after next time: the last row read, held back behind unsettled rows."""
+    settled_before = timezone.now() - timedelta(seconds=settle_s())
+    cursor = after
+    for row in rows:
+        if row.finished_at > settled_before:
+            break
+        cursor = max(cursor, row.id)
+    return cursor
+
+
+# --- one saga's graph -------------------------------------------------------------------
+
+
+def graph_data(saga: Saga, rows: Sequence[SagaLog]) -> dict[str, Any] | None:
+    """The saga's graph as JSON-ready data (see ``sagas.graph``), or None for a saga of
+    a type this deployment does not declare. Errors stay out: customers read this too."""
+    definition = _definition(saga.saga_type)
+    if definition is None:
+        return None
+    timeline = saga_timeline(saga, definition, rows)
+    return {
+        "status": saga.status,
+        "terminal": saga.is_terminal,
+        "resolved": saga.is_resolved,
+        "step_now": step_now(saga, definition),
+        "compensating": timeline.compensating,
+        "failing_action": timeline.failing_action,
+        "failing_compensation": timeline.failing_compensation,
+        "notes": timeline.notes,
+        "steps": [
+            {
+                "index": column.index,
+                "action": _cell_data(column.action),
+                "compensation": _cell_data(column.compensation),
+                "flows_right": column.flows_right,
+                "flows_left": column.flows_left,
+                "turn": column.turn,
+            }
+            for column in timeline.columns
+        ],
+    }
+
+
+def graph_page_context(saga: Saga, rows: Sequence[SagaLog]) -> dict[str, Any]:
+    """What ``admin/sagas/saga/graph.html`` needs: the first drawing and where to follow it."""
+    return {
+        "graph": graph_data(saga, rows),
+        "graph_feed_url": reverse("saga-detail", args=[saga.pk]),
+        "graph_cursor": next_cursor(rows, 0),
+        "graph_follow": not saga.is_terminal,
+    }
+
+
+def _cell_data(cell: TimelineCell | None) -> dict[str, Any] | None:
+    if cell is None:
+        return None
+    data = {name: value for name, value in cell.__dict__.items() if name != "error"}
+    for name in ("started_at", "finished_at"):
+        data[name] = data[name].isoformat() if data[name] is not None else None
+    return data
+
+
+# --- the transitions stream -----------------------------------------------------------
+
+
+def _definition(saga_type: str):
+    try:
+        return registry.get(saga_type)
+    except UnknownSagaType:
+        return None
+
+
+def _kind(row: SagaLog) -> str:
+    """What a log row means for its saga, in an operator's words."""
+    if row.phase == SagaLog.Phase.OPERATOR:
+        return "operator"
+    if row.status in (LogStatus.DUPLICATE, LogStatus.IGNORED, LogStatus.LOST):
+        return "ignored"
+    definition = _definition(row.saga.saga_type)
+    if row.phase == SagaLog.Phase.ACTION:
+        if row.status in (LogStatus.FAILED, LogStatus.TIMED_OUT):
+            return "compensating"
+        if row.step_index == 0 and row.attempt == 1:
+            return "started"
+        if row.status == LogStatus.RETRYING:
+            return "retrying"
+        if row.status in SagaLog.DONE:
+            last = definition is not None and row.step_index == len(definition.steps) - 1
+            return "completed" if last else "step_done"
+        return "called_out"
+    if row.status == LogStatus.RETRYING:
+        return "retrying"
+    if row.status == LogStatus.FAILED:
+        return "failed"
+    if row.status in SagaLog.DONE:
+        if definition is not None and definition.next_to_undo(row.step_index) is None:
+            return "compensated"
+        return "undone"
+    return "called_out"
+
+
+def transitions(*, owner, after: int | None) -> tuple[list[dict[str, Any]], int]:
+    """The log rows after the cursor, oldest first, and the next cursor: of every
+    saga, or of the sagas that act for ``owner``.
+
+    Without a cursor: the latest few rows, so a page opens on recent history.
+    """
+    rows = SagaLog.objects.select_related("saga").only(
+        "id",
+        "step",
+        "step_index",
+        "phase",
+        "status",
+        "attempt",
+        "finished_at",
+        "duration_ms",
+        "saga__id",
+        "saga__saga_type",
+        "saga__status",
+    )
+    if owner is not None:
+        rows = rows.filter(saga__owner=owner)
+    if after is None:
+        batch = list(rows.order_by("-id")[:FIRST_EVENTS])[::-1]
+        start = batch[0].id - 1 if batch else 0
+    else:
+        batch = list(rows.filter(id__gt=after).order_by("id")[:EVENTS_PAGE])
+        start = after
+    events = [
+        {
+            "id": row.id,
+            "saga_id": row.saga.id,
+            "saga_type": row.saga.saga_type,
+            "saga_status": row.saga.status,
+            "step": row.step,
+            "phase": row.phase,
+            "status": row.status,
+            "attempt": row.attempt,
+            "kind": _kind(row),
+            "at": row.finished_at,
+            "duration_ms": row.duration_ms,
+        }
+        for row in batch
+    ]
+    return events, next_cursor(batch, start)
+
+
+# --- the fleet now -------------------------------------------------------------------
+
+
+def in_flight(sagas: QuerySet[Saga]) -> list[dict[str, Any]]:
+    """Sagas not yet ended, by type, status and the step running now."""
+    counts: dict[tuple[str, str, str], int] = {}
+    grouped = (
+        sagas.filter(status__in=IN_FLIGHT)
+        .order_by()
+        .values_list("saga_type", "status", "steps_done", "undo_cursor")
+        .annotate(n=Count("*"))
+    )
+    for saga_type, status, steps_done, undo_cursor, n in grouped:
+        definition = _definition(saga_type)
+        probe = Saga(
+            saga_type=saga_type, status=status, steps_done=steps_done, undo_cursor=undo_cursor
+        )
+        step = step_now(probe, definition) if definition is not None else ""
+        key = (saga_type, status, step)
+        counts[key] = counts.get(key, 0) + n
+    return [
+        {"saga_type": saga_type, "status": status, "step": step, "count": n}
+        for (saga_type, status, step), n in sorted(counts.items())
+    ]
+
+
+def rates(sagas: QuerySet[Saga]) -> dict[str, dict[str, int]]:
+    """Sagas started and ended in the last minute, by type (indexed range reads only)."""
+    since = timezone.now() - timedelta(seconds=RATE_WINDOW_S)
+    names = registry.names()
+    by_type = {name: _no_rates() for name in names}
+    started = (
+        sagas.filter(created_at__gte=since)
+        .order_by()
+        .values_list("saga_type")
+        .annotate(n=Count("*"))
+    )
+    for saga_type, n in started:
+        by_type.setdefault(saga_type, _no_rates())
+        by_type[saga_type]["started"] = n
+    # saga_type_finished (saga_type, finished_at) answers this per registered type.
+    ended = (
+        sagas.filter(saga_type__in=names, finished_at__gte=since)
+        .order_by()
+        .values_list("saga_type", "status")
+        .annotate(n=Count("*"))
+    )
+    for saga_type, status, n in ended:
+        if status in _ENDED:
+            by_type[saga_type][_ENDED[status]] = n
+    return by_type
+
+
+_ENDED = {
+    Status.COMPLETED: "completed",
+    Status.COMPENSATED: "compensated",
+    Status.FAILED: "failed",
+}
+
+
+def _no_rates() -> dict[str, int]:
+    return dict.fromkeys(("started", *_ENDED.values()), 0)
+
+
+def awaiting_operator(sagas: QuerySet[Saga]) -> tuple[list[Saga], int]:
+    """The newest FAILED sagas no operator has settled, and how many there are (capped)."""
+    failed = sagas.filter(status=Status.FAILED, resolved_at__isnull=True).order_by("-created_at")
+    shown = list(failed[:AWAITING_SHOWN])
+    count = len(shown) if len(shown) < AWAITING_SHOWN else failed[: AWAITING_COUNTED + 1].count()
+    return shown, count

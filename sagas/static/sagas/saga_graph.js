@@ -1,0 +1,190 @@
+/* The saga graph: drawn from the `graph` of GET /api/sagas/<id>/ and kept live.
+ *
+ * An element with data-saga-graph holds the first answer (a json_script id in
+ * data-graph-json) and the feed URL. While the saga runs, the page polls
+ * `<feed>?after=<cursor>` every POLL_MS (after the previous answer, never two at
+ * once), redraws the graph and lists the new log rows; it stops once the saga
+ * has ended. Same origin, session cookie: GETs need no CSRF token.
+ */
+(function () {
+  "use strict";
+
+  var POLL_MS = 500;
+  var BACKOFF_MAX_MS = 8000;
+
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = text;
+    return node;
+  }
+
+  function ms(value) {
+    if (value === null || value === undefined) return "";
+    if (value < 1000) return value + " ms";
+    if (value < 60000) return (value / 1000).toFixed(2) + " s";
+    return Math.floor(value / 60000) + " min " + Math.round((value % 60000) / 1000) + " s";
+  }
+
+  function cell(data, phase, number) {
+    if (!data) return el("div", "tl-cell tl-none", "no compensation");
+    var box = el("div", "tl-cell tl-" + data.state + (data.failing ? " tl-failing" : ""));
+    box.dataset.phase = phase;
+    box.dataset.step = data.name;
+    box.dataset.state = data.state;
+    box.dataset.attempts = data.attempts;
+    if (data.failing) box.dataset.failing = "true";
+    if (data.duplicates) box.dataset.duplicates = data.duplicates;
+    var prefix = phase === "action" ? number + ". " : data.order ? "#" + data.order + " " : "";
+    box.appendChild(el("div", "tl-name", prefix + data.name));
+    box.appendChild(el("div", "tl-state", data.label));
+    var meta = [];
+    if (data.attempts > 1) meta.push(data.attempts + " attempts");
+    if (data.retries) meta.push(data.retries + (data.retries === 1 ? " retry" : " retries"));
+    if (data.duration_ms !== null && data.finished_at) meta.push(ms(data.duration_ms));
+    if (meta.length) box.appendChild(el("div", "tl-meta", meta.join(" \u00b7 ")));
+    if (data.duplicates) {
+      var dup = data.duplicates + " duplicate deliver" + (data.duplicates === 1 ? "y" : "ies") + " ignored";
+      box.appendChild(el("div", "tl-dup", dup));
+    }
+    if (data.healed) box.appendChild(el("div", "tl-healed", "healed"));
+    if (data.failing) {
+      box.appendChild(el("div", "tl-flag", phase === "action" ? "\u2717 failing step" : "\u2717 compensation failed"));
+    }
+    return box;
+  }
+
+  function arrow(symbol, on) {
+    return el("div", "tl-arrow" + (on ? " on" : ""), symbol);
+  }
+
+  function draw(container, graph) {
+    var frag = document.createDocumentFragment();
+    var actions = el("div", "tl-row tl-actions");
+    actions.appendChild(el("div", "tl-lane", "Actions \u2192"));
+    graph.steps.forEach(function (step, i) {
+      if (i) actions.appendChild(arrow("\u2192", step.flows_right));
+      actions.appendChild(cell(step.action, "action", i + 1));
+    });
+    frag.appendChild(actions);
+    if (graph.compensating) {
+      var turns = el("div", "tl-row");
+      turns.appendChild(el("div", "tl-lane"));
+      graph.steps.forEach(function (step, i) {
+        if (i) turns.appendChild(arrow("", false));
+        var spacer = el("div", "tl-spacer tl-turn");
+        if (step.turn) {
+          spacer.appendChild(document.createTextNode("\u2193 "));
+          spacer.appendChild(el("small", "", "undo from here"));
+        }
+        turns.appendChild(spacer);
+      });
+      frag.appendChild(turns);
+      var undo = el("div", "tl-row tl-compensations");
+      undo.appendChild(el("div", "tl-lane", "\u2190 Compensations"));
+      graph.steps.forEach(function (step, i) {
+        if (i) undo.appendChild(arrow("\u2190", step.flows_left));
+        undo.appendChild(cell(step.compensation, "compensation", i + 1));
+      });
+      frag.appendChild(undo);
+    }
+    var notes = [];
+    if (graph.failing_action) notes.push("Failing step: " + graph.failing_action + ".");
+    if (graph.failing_compensation) {
+      notes.push("Compensation that exhausted its retries: " + graph.failing_compensation + ".");
+    }
+    if (graph.resolved) notes.push("Settled by hand by an operator.");
+    if (graph.notes) notes.push(graph.notes + " operator note" + (graph.notes === 1 ? "" : "s") + " in the log below.");
+    container.replaceChildren(frag);
+    if (notes.length) container.appendChild(el("p", "tl-notes", notes.join(" ")));
+  }
+
+  function describeRow(row) {
+    var what = row.phase === "operator" ? "operator note" : row.step + " (" + row.phase + ")";
+    return what + ": " + row.status + (row.attempt > 1 ? ", attempt " + row.attempt : "") +
+      (row.duration_ms ? ", " + ms(row.duration_ms) : "");
+  }
+
+  function follow(root) {
+    var graphBox = root.querySelector(".tl-graph");
+    var status = root.querySelector(".live-status");
+    var note = root.querySelector(".live-note");
+    var now = root.querySelector(".live-now");
+    var live = root.querySelector(".saga-live");
+    var events = root.querySelector(".saga-events");
+    var seen = new Set();
+    var cursor = root.dataset.cursor;
+    var delay = POLL_MS;
+
+    function show(graph, sagaStatus) {
+      root.dataset.status = sagaStatus;
+      status.textContent = sagaStatus;
+      if (graph) {
+        draw(graphBox, graph);
+        now.textContent = graph.step_now ? "now: " + graph.step_now : "";
+      }
+    }
+
+    function stop(text) {
+      live.dataset.live = "false";
+      root.dataset.live = "false";
+      note.textContent = text;
+    }
+
+    function append(rows) {
+      rows.forEach(function (row) {
+        if (seen.has(row.id)) return;
+        seen.add(row.id);
+        var item = el("li");
+        item.dataset.status = row.status;
+        item.appendChild(el("span", "ev-kind", new Date(row.finished_at).toLocaleTimeString()));
+        item.appendChild(document.createTextNode(describeRow(row)));
+        events.appendChild(item);
+        events.scrollTop = events.scrollHeight;
+      });
+    }
+
+    function poll() {
+      var url = root.dataset.feedUrl + "?after=" + encodeURIComponent(cursor);
+      fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
+        .then(function (response) {
+          if (!response.ok) throw new Error("HTTP " + response.status);
+          return response.json();
+        })
+        .then(function (answer) {
+          delay = POLL_MS;
+          cursor = answer.cursor;
+          show(answer.graph, answer.status);
+          append(answer.log);
+          root.dataset.polls = String(Number(root.dataset.polls || 0) + 1);
+          if (answer.graph && answer.graph.terminal) {
+            stop("ended; reload the page for the whole log");
+            return;
+          }
+          note.textContent = "updating live";
+          window.setTimeout(poll, delay);
+        })
+        .catch(function (error) {
+          delay = Math.min(delay * 2, BACKOFF_MAX_MS);
+          note.textContent = "feed unavailable (" + error.message + "); retrying";
+          window.setTimeout(poll, delay);
+        });
+    }
+
+    var first = JSON.parse(document.getElementById(root.dataset.graphJson).textContent);
+    show(first, first.status);
+    if (first.terminal || root.dataset.follow !== "true") {
+      stop(first.terminal ? "ended" : "");
+    } else {
+      live.dataset.live = "true";
+      root.dataset.live = "true";
+      note.textContent = "updating live";
+      window.setTimeout(poll, POLL_MS);
+    }
+  }
+
+  window.BacktrackSagaGraph = { draw: draw, follow: follow };
+  document.addEventListener("DOMContentLoaded", function () {
+    document.querySelectorAll("[data-saga-graph]").forEach(follow);
+  });
+})();
