@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.cookiejar
 import json
 import os
 import pty
@@ -14,6 +16,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from decimal import Decimal
 from pathlib import Path
 
@@ -201,6 +206,40 @@ class Terminal:
         os.close(self.fd)
 
 
+def status_of(url: str, *, auth: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url)  # noqa: S310 - http://127.0.0.1 only
+    if auth is not None:
+        request.add_header(
+            "Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+        )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def admin_page(web: str, path: str) -> tuple[int, str]:
+    """(status, final URL) of an admin page, logged in as the demo's admin."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(f"{web}/admin/login/", timeout=10).read()
+    csrf = next(cookie.value for cookie in jar if cookie.name == "csrftoken")
+    form = {
+        "username": devstack.DEMO_ADMIN[0],
+        "password": devstack.DEMO_ADMIN[1],
+        "csrfmiddlewaretoken": csrf,
+        "next": path,
+    }
+    request = urllib.request.Request(  # noqa: S310 - http://127.0.0.1 only
+        f"{web}/admin/login/?next={path}",
+        data=urllib.parse.urlencode(form).encode(),
+        headers={"Referer": f"{web}/admin/login/"},
+    )
+    with opener.open(request, timeout=10) as response:
+        return response.status, response.geturl()
+
+
 def run_shell(command: str) -> dict:
     result = subprocess.run(  # noqa: S603 - the banner's command, which the test checks
         ["bash", "-c", command],  # noqa: S607
@@ -280,6 +319,14 @@ def test_make_run_prints_the_banner_once_up_and_ctrl_c_stops_everything_with_exi
         for path in ("/api/", "/api/docs/", "/healthz", "/admin/", "/admin/sagas/saga/live/"):
             assert f"{web}{path}" in banner
         assert f"http://127.0.0.1:{flower_port}/" in banner
+        # Every page it lists answers.
+        for path in ("/api/", "/api/docs/", "/healthz"):
+            assert status_of(f"{web}{path}") == 200, path
+        for path in ("/admin/", "/admin/sagas/saga/live/"):
+            assert admin_page(web, path) == (200, f"{web}{path}")
+        flower = f"http://127.0.0.1:{flower_port}/"
+        assert status_of(flower, auth=("flower", "flower-dev")) == 200
+        assert status_of(flower) == 401
 
         # The banner's command books a trip, and the saga completes.
         command = saved[saved.index("curl -s -X POST") :].strip()
