@@ -476,7 +476,7 @@ class SagaAdmin(admin.ModelAdmin):
                     "saga_type",
                     "status_badge",
                     "business_key",
-                    ("now_running", "current_step"),
+                    ("now_running", "last_moved"),
                     ("steps_done", "undo_cursor"),
                 ]
             },
@@ -503,7 +503,7 @@ class SagaAdmin(admin.ModelAdmin):
         "status_badge",
         "business_key",
         "now_running",
-        "current_step",
+        "last_moved",
         "steps_done",
         "undo_cursor",
         "created_at",
@@ -584,6 +584,10 @@ class SagaAdmin(admin.ModelAdmin):
         except UnknownSagaType:
             return "\u2014"
         return step_now(obj, definition) or "\u2014"
+
+    @admin.display(description="last step done")
+    def last_moved(self, obj: Saga):
+        return obj.current_step or "\u2014"
 
     # --- change page ------------------------------------------------------------
 

@@ -43,7 +43,7 @@ AWAITING_COUNTED = 1000
 
 
 def settle_s() -> float:
-    return float(getattr(settings, "SAGA_FEED_SETTLE_S", 5))
+    return float(settings.SAGA_FEED_SETTLE_S)
 
 
 def next_cursor(rows: Sequence[SagaLog], after: int) -> int:

@@ -332,6 +332,9 @@ SAGA_STORE_STEP_RESULTS = env_bool("SAGA_STORE_STEP_RESULTS", False)
 # backoff) before the sweeper calls it stalled where the broker cannot be
 # read (not Redis), and to the default saga and compensation deadlines.
 SAGA_STALL_GRACE_S = env_int("SAGA_STALL_GRACE_S", 10, minimum=1)
+# The live feed's cursor stays behind log rows that finished less than this ago: a row
+# whose transaction commits within it after it finished is never skipped (sagas.feed).
+SAGA_FEED_SETTLE_S = env_int("SAGA_FEED_SETTLE_S", 5, minimum=0)
 # A saga quiet this long with no message of it in the broker lost its
 # messages: the sweeper publishes the rest of its chain (sagas.broker).
 SAGA_LOST_AFTER_S = env_int("SAGA_LOST_AFTER_S", 10, minimum=1)

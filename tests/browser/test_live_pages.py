@@ -28,6 +28,12 @@ def node(phase: str, step: str, state: str | None = None) -> str:
     return selector + (f'[data-state="{state}"]' if state else "")
 
 
+def snap(page, artifacts, stage: str) -> None:
+    """The whole page, and the graph alone (the README shows those)."""
+    page.screenshot(path=str(artifacts / f"{stage}.png"), full_page=True)
+    page.locator("#saga-timeline").screenshot(path=str(artifacts / f"{stage}-graph.png"))
+
+
 def states(page, phase: str) -> dict[str, str]:
     return page.eval_on_selector_all(
         f'.tl-cell[data-phase="{phase}"]',
@@ -61,7 +67,7 @@ def test_a_trip_is_watched_from_running_through_compensating_to_compensated(
         "confirm_booking": "not_reached",
     }
     assert page.text_content(".live-now") == "now: reserve_hotel"
-    page.screenshot(path=str(artifacts / "1-running.png"), full_page=True)
+    snap(page, artifacts, "1-running")
 
     # Compensating: the charge failed, the car is released, the hotel is next (slow).
     page.wait_for_selector('#saga-timeline[data-status="COMPENSATING"]', timeout=WAIT_MS)
@@ -69,7 +75,7 @@ def test_a_trip_is_watched_from_running_through_compensating_to_compensated(
     assert page.get_attribute(node("action", "charge_payment"), "data-failing") == "true"
     assert states(page, "compensation")["release_hotel"] == "pending"
     assert states(page, "compensation")["release_flight"] == "pending"
-    page.screenshot(path=str(artifacts / "2-compensating.png"), full_page=True)
+    snap(page, artifacts, "2-compensating")
 
     # Compensated: every step done is undone, newest first; the page stops polling.
     page.wait_for_selector('#saga-timeline[data-status="COMPENSATED"]', timeout=WAIT_MS)
@@ -90,7 +96,7 @@ def test_a_trip_is_watched_from_running_through_compensating_to_compensated(
     assert page.get_attribute("#saga-timeline", "data-polls") == polls  # stopped
     assert page.evaluate("window.__sameDocument") == 42  # never reloaded
     assert Saga.objects.get(pk=booking.saga_id).status == Saga.Status.COMPENSATED
-    page.screenshot(path=str(artifacts / "3-compensated.png"), full_page=True)
+    snap(page, artifacts, "3-compensated")
 
 
 def test_the_live_operations_page_shows_transitions_as_they_happen(

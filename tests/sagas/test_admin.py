@@ -491,6 +491,7 @@ def test_the_timeline_of_a_running_saga_shows_the_step_in_progress_and_no_compen
     graph = response.context["graph"]
     assert not graph["compensating"]
     assert graph["step_now"] == "reserve_car"
+    assert re.search(r"Running now:</label>\s*<div class=\"readonly\">reserve_car<", response.text)
     assert response.context["graph_follow"] is True
     assert 'data-follow="true"' in response.text
     assert f'data-feed-url="/api/sagas/{saga.pk}/"' in response.text

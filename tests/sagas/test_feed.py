@@ -232,3 +232,17 @@ def test_the_live_page_needs_permission_to_view_sagas(django_user_model, client)
 
     staff.user_permissions.add(Permission.objects.get(codename="view_saga"))
     assert client.get("/admin/sagas/saga/live/").status_code == 200
+
+
+def test_every_registered_saga_type_gets_a_graph_from_its_definition(customer):
+    from sagas.definitions import registry
+
+    for name in registry.names():
+        definition = registry.get(name)
+        saga = make_saga(customer, Status.RUNNING, saga_type=name)
+
+        graph = feed.graph_data(saga, [])
+
+        assert [step["action"]["name"] for step in graph["steps"]] == definition.action_names
+        assert graph["step_now"] == definition.steps[0].name
+        assert graph["steps"][0]["action"]["state"] == "running"
