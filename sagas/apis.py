@@ -429,17 +429,27 @@ class SagaLiveApi(APIView):
 
     @extend_schema(
         operation_id="sagas_live",
-        parameters=[AFTER_PARAMETER],
+        parameters=[
+            OpenApiParameter(
+                "after",
+                str,
+                description=(
+                    "The `cursor` of the previous answer: only transitions recorded since "
+                    "are listed, each once (rows that commit late come when they appear)."
+                ),
+            )
+        ],
         responses={200: OutputSerializer},
     )
     def get(self, request: Request) -> Response:
-        cursor = CursorSerializer(data=request.query_params)
-        cursor.is_valid(raise_exception=True)
+        after = request.query_params.get("after")
+        try:
+            cursor = None if after is None else feed.FleetCursor.parse(after)
+        except ValueError as exc:
+            raise serializers.ValidationError({"after": [str(exc)]}) from None
         user = request.user
         sagas = selectors.sagas_visible_to(user)
-        events, next_cursor = feed.transitions(
-            owner=None if user.is_staff else user, after=cursor.validated_data.get("after")
-        )
+        events, next_cursor = feed.transitions(owner=None if user.is_staff else user, after=cursor)
         failed, failed_count = feed.awaiting_operator(sagas)
         output = SagaStaffOutputSerializer if user.is_staff else SagaOutputSerializer
         return Response(

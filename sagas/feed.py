@@ -6,22 +6,30 @@ each poll is a short request of a few indexed queries, so a few open pages
 cost a web worker a few milliseconds a second, not a whole sync worker each
 (see the README, "Watching a saga").
 
-The cursor is a SagaLog id. Ids are taken at INSERT, but rows commit in any
-order: a row with a smaller id can become visible after a larger one was
-read. So the cursor handed back never passes a row that finished less than
-``SAGA_FEED_SETTLE_S`` ago: rows of the last few seconds come again on the
-next polls (clients drop the ids they have), and a row whose transaction
-commits within that time after it finished is never skipped.
+Cursors are SagaLog ids. Ids are taken at INSERT, but rows commit in any
+order: a row with a smaller id can become visible after a larger one was read.
+
+- One saga's cursor (``next_cursor``) never passes a row that finished less
+  than ``SAGA_FEED_SETTLE_S`` ago: those few rows come again on the next polls
+  (clients drop the ids they have), and a row whose transaction commits within
+  that time after it finished is never skipped.
+- The fleet's cursor (``FleetCursor``) cannot hold back that way: a burst
+  leaves more rows unsettled than a page holds, and the reader would fall
+  behind. It carries the ids it found missing instead, and asks for them again
+  until they appear or ``SAGA_FEED_SETTLE_S`` has passed.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Max, Q, QuerySet
 from django.urls import reverse
 from django.utils import timezone
 
@@ -36,6 +44,8 @@ IN_FLIGHT = (Status.PENDING, Status.RUNNING, Status.COMPENSATING)
 # A page's first poll shows this many of the latest transitions; later polls at most EVENTS_PAGE.
 FIRST_EVENTS = 30
 EVENTS_PAGE = 200
+# Ids of uncommitted rows a fleet cursor remembers (see FleetCursor).
+MAX_GAPS = 100
 RATE_WINDOW_S = 60
 AWAITING_SHOWN = 20
 # "1000+": counting every FAILED saga at a million rows is not worth a poll.
@@ -148,9 +158,59 @@ def _kind(row: SagaLog) -> str:
     return "called_out"
 
 
-def transitions(*, owner, after: int | None) -> tuple[list[dict[str, Any]], int]:
+_FLEET_CURSOR = re.compile(rf"(\d{{1,18}})((?:~\d{{1,18}}\.\d{{1,12}}){{0,{MAX_GAPS}}})")
+
+
+@dataclass(frozen=True)
+class FleetCursor:
+    """Where a reader of the fleet's transitions is: every id up to ``high`` was read,
+    except ``gaps``: ids below it not yet visible then (their transactions had not
+    committed), each with when it was first missed (Unix seconds).
+
+    Written ``<high>`` then ``~<id>.<seconds>`` per gap, e.g. ``812~809.1764677000``.
+    """
+
+    high: int
+    gaps: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> FleetCursor:
+        match = _FLEET_CURSOR.fullmatch(text)
+        if match is None:
+            raise ValueError(
+                "must be the cursor of an earlier answer (digits, then at most "
+                f"{MAX_GAPS} '~<id>.<seconds>' parts)"
+            )
+        gaps = tuple(
+            (int(gap), int(seen))
+            for gap, seen in (part.split(".") for part in match.group(2).split("~")[1:])
+        )
+        return cls(int(match.group(1)), gaps)
+
+    def __str__(self) -> str:
+        return str(self.high) + "".join(f"~{gap}.{seen}" for gap, seen in self.gaps)
+
+
+def _missing(after: int, present: list[int]) -> list[int]:
+    """Ids between ``after`` and the last of ``present`` (ascending) that are not in it,
+    at most MAX_GAPS before each present id: a longer run was never going to commit."""
+    missing: list[int] = []
+    previous = after
+    for row_id in present:
+        missing.extend(range(max(previous + 1, row_id - MAX_GAPS), row_id))
+        previous = row_id
+    return missing
+
+
+def transitions(*, owner, after: FleetCursor | None) -> tuple[list[dict[str, Any]], FleetCursor]:
     """The log rows after the cursor, oldest first, and the next cursor: of every
     saga, or of the sagas that act for ``owner``.
+
+    Each poll reads the next ids of the whole table (at most EVENTS_PAGE, by the
+    primary key) and the gaps of the last poll, so the cursor always moves on
+    past other owners' rows and a burst never holds it back; a row that commits
+    after a newer one was read comes as soon as it is visible, once. A gap not
+    filled within ``SAGA_FEED_SETTLE_S`` is dropped (its transaction rolled back).
 
     Without a cursor: the latest few rows, so a page opens on recent history.
     """
@@ -170,12 +230,34 @@ def transitions(*, owner, after: int | None) -> tuple[list[dict[str, Any]], int]
     if owner is not None:
         rows = rows.filter(saga__owner=owner)
     if after is None:
-        batch = list(rows.order_by("-id")[:FIRST_EVENTS])[::-1]
-        start = batch[0].id - 1 if batch else 0
-    else:
-        batch = list(rows.filter(id__gt=after).order_by("id")[:EVENTS_PAGE])
-        start = after
-    events = [
+        high = SagaLog.objects.aggregate(high=Max("id"))["high"] or 0
+        if owner is not None:
+            # The owner's latest sagas by their index, not a walk back through every row.
+            latest = Saga.objects.filter(owner=owner).order_by("-created_at")[:FIRST_EVENTS]
+            rows = rows.filter(saga__in=latest)
+        batch = list(rows.filter(id__lte=high).order_by("-id")[:FIRST_EVENTS])[::-1]
+        return _events(batch), FleetCursor(high)
+
+    now = int(time.time())
+    old_gaps = dict(after.gaps)
+    ids = list(
+        SagaLog.objects.filter(Q(id__gt=after.high) | Q(id__in=old_gaps))
+        .order_by("id")
+        .values_list("id", flat=True)[: EVENTS_PAGE + len(old_gaps)]
+    )
+    filled = [row_id for row_id in ids if row_id in old_gaps]
+    ahead = [row_id for row_id in ids if row_id > after.high][:EVENTS_PAGE]
+    batch = list(rows.filter(id__in=filled + ahead).order_by("id")) if ids else []
+    settle = settle_s()
+    gaps = [
+        (gap, seen) for gap, seen in after.gaps if gap not in filled and now - seen <= settle
+    ] + [(gap, now) for gap in _missing(after.high, ahead)]
+    cursor = FleetCursor(ahead[-1] if ahead else after.high, tuple(gaps[-MAX_GAPS:]))
+    return _events(batch), cursor
+
+
+def _events(batch: list[SagaLog]) -> list[dict[str, Any]]:
+    return [
         {
             "id": row.id,
             "saga_id": row.saga.id,
@@ -191,7 +273,6 @@ def transitions(*, owner, after: int | None) -> tuple[list[dict[str, Any]], int]
         }
         for row in batch
     ]
-    return events, next_cursor(batch, start)
 
 
 # --- the fleet now -------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The live feed: a saga's graph and log since a cursor, and the fleet's transitions."""
 
 import re
+import time
 from datetime import timedelta
 
 import pytest
@@ -150,6 +151,7 @@ def test_the_live_feed_lists_transitions_in_order_with_what_they_mean(
 
     again = client_for(operator).get("/api/sagas/live/", {"after": answer["cursor"]}).json()
     assert again["events"] == []
+    assert again["cursor"] == answer["cursor"]
 
 
 def test_the_live_feed_counts_sagas_in_flight_by_the_step_running_now(
@@ -194,6 +196,99 @@ def test_customers_follow_only_their_own_sagas_and_never_see_internals(
     assert "failure_reason" not in answer["awaiting_operator"]["sagas"][0]
     assert str(theirs.id) not in str(answer)
     assert client_for(other_customer).get(f"/api/sagas/{mine.id}/").status_code == 404
+
+
+def live(client, cursor=None) -> dict:
+    answer = client.get("/api/sagas/live/", {} if cursor is None else {"after": cursor})
+    assert answer.status_code == 200, answer.content
+    return answer.json()
+
+
+def test_a_row_that_commits_after_a_newer_one_comes_once_when_it_appears(
+    operator, customer, client_for
+):
+    client = client_for(operator)
+    saga = make_saga(customer, Status.RUNNING)
+    first = log(saga, "reserve_flight", "action", "succeeded", 0, index=0)
+    cursor = live(client)["cursor"]
+    # The next id is taken by a transaction that has not committed yet; a newer row commits.
+    late_id, newer_id = first.id + 1, first.id + 2
+    log(saga, "reserve_car", "action", "succeeded", 0, index=2, id=newer_id)
+
+    answer = live(client, cursor)
+    assert [event["id"] for event in answer["events"]] == [newer_id]
+    assert answer["cursor"].startswith(f"{newer_id}~{late_id}.")
+
+    log(saga, "reserve_hotel", "action", "succeeded", 0, index=1, id=late_id)
+    again = live(client, answer["cursor"])
+    assert [event["id"] for event in again["events"]] == [late_id]
+    assert again["cursor"] == str(newer_id)
+    assert live(client, again["cursor"])["events"] == []
+
+
+def test_a_gap_that_never_fills_is_dropped_after_the_settle_time(operator, customer, client_for):
+    saga = make_saga(customer, Status.RUNNING)
+    row = log(saga, "reserve_flight", "action", "succeeded", 0, index=0)
+    stale = int(time.time()) - 60
+
+    answer = live(client_for(operator), f"{row.id}~{row.id - 1}.{stale}")
+
+    assert answer["cursor"] == str(row.id)
+
+
+def test_a_burst_larger_than_a_page_is_read_page_by_page_never_twice(
+    operator, customer, client_for
+):
+    client = client_for(operator)
+    cursor = live(client)["cursor"]
+    saga = make_saga(customer, Status.RUNNING)
+    now = timezone.now()
+    SagaLog.objects.bulk_create(
+        SagaLog(
+            saga=saga,
+            step="reserve_flight",
+            step_index=0,
+            phase="action",
+            status="duplicate",
+            started_at=now,
+            finished_at=now,
+        )
+        for _ in range(feed.EVENTS_PAGE * 2 + 50)
+    )
+
+    seen: list[int] = []
+    for _ in range(3):
+        answer = live(client, cursor)
+        seen += [event["id"] for event in answer["events"]]
+        cursor = answer["cursor"]
+
+    assert len(seen) == len(set(seen)) == feed.EVENTS_PAGE * 2 + 50
+    assert feed.FleetCursor.parse(cursor).high == max(seen)
+
+
+def test_other_owners_rows_move_a_customers_cursor_on_without_showing_them(
+    customer, other_customer, client_for
+):
+    client = client_for(customer)
+    cursor = live(client)["cursor"]
+    theirs = running_saga(other_customer)
+    mine = make_saga(customer, Status.RUNNING)
+    row = log(mine, "reserve_flight", "action", "succeeded", 0, index=0)
+
+    answer = live(client, cursor)
+
+    assert [event["id"] for event in answer["events"]] == [row.id]
+    # Past their rows too (ids the test database's rolled-back tests used stay gaps a while).
+    assert feed.FleetCursor.parse(answer["cursor"]).high == row.id
+    assert str(theirs.id) not in str(answer)
+
+
+@pytest.mark.parametrize("after", ["-1", "abc", "5~", "5~6", "5~6.x", "1" * 19])
+def test_a_bad_fleet_cursor_is_refused_naming_the_parameter(operator, client_for, after):
+    response = client_for(operator).get("/api/sagas/live/", {"after": after})
+
+    assert response.status_code == 400
+    assert "after" in response.json()["errors"]
 
 
 def test_the_live_feed_needs_a_login(client):
