@@ -143,5 +143,5 @@ def why_it_ended(saga: Saga, graph: dict | None) -> str:
             if saga.is_resolved
             else " It waits for an operator on the saga page."
         )
-        return f"undoing failed: {saga.failure_reason}.{settled}"
+        return f"undoing failed: {saga.failure_reason.rstrip('.')}.{settled}"
     return f"still running ({saga.get_status_display().lower()})."

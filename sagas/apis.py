@@ -276,6 +276,9 @@ class GraphCellSerializer(serializers.Serializer):
     attempts = serializers.IntegerField()
     retries = serializers.IntegerField()
     duplicates = serializers.IntegerField(help_text="Repeated or out-of-turn deliveries, ignored.")
+    redelivered = serializers.IntegerField(
+        help_text="Deliveries run again because the worker running one was lost."
+    )
     failing = serializers.BooleanField(help_text="The step whose failure made the saga undo.")
     healed = serializers.BooleanField(help_text="Failed once, then succeeded on a retry.")
     order = serializers.IntegerField(help_text="Compensations: 1-based order they ran in.")
@@ -397,6 +400,7 @@ class SagaLiveApi(APIView):
                     "compensated",
                     "failed",
                     "ignored",
+                    "redelivered",
                     "operator",
                 ]
             )

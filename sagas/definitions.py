@@ -21,7 +21,9 @@ Once apps are ready, ``sagas.tasks`` makes each step up to two named tasks,
 and ``sagas.canvas`` builds chains of them by name, so Flower and the result
 store show what ran. Step functions take the locked ``Saga`` row and return a
 small JSON-serialisable dict (stored in SagaLog) or ``None``; a compensation
-returning ``None`` found nothing to undo and is logged as skipped.
+returning ``None`` found nothing to undo and is logged as skipped. An action
+that returns ``None``, or a dict whose every value is an empty list, dict or
+string (``{"held": []}``), had nothing to do: the saga graph says so.
 """
 
 from __future__ import annotations

@@ -44,8 +44,10 @@ IN_FLIGHT = (Status.PENDING, Status.RUNNING, Status.COMPENSATING)
 # A page's first poll shows this many of the latest transitions; later polls at most EVENTS_PAGE.
 FIRST_EVENTS = 30
 EVENTS_PAGE = 200
-# Ids of uncommitted rows a fleet cursor remembers (see FleetCursor).
+# Ids of uncommitted and of started rows a fleet cursor remembers (see FleetCursor),
+# and how long it follows a started row for its outcome (a call's timeout, retries).
 MAX_GAPS = 100
+OPEN_FOLLOW_S = 300
 RATE_WINDOW_S = 60
 AWAITING_SHOWN = 20
 # "1000+": counting every FAILED saga at a million rows is not worth a poll.
@@ -57,11 +59,12 @@ def settle_s() -> float:
 
 
 def next_cursor(rows: Sequence[SagaLog], after: int) -> int:
-    """The id to read after next time: the last row read, held back behind unsettled rows."""
+    """The id to read after next time: the last row read, held back behind unsettled rows
+    and behind a started row (a call out whose outcome will be written into it)."""
     settled_before = timezone.now() - timedelta(seconds=settle_s())
     cursor = after
     for row in rows:
-        if row.finished_at > settled_before:
+        if row.finished_at > settled_before or row.status == LogStatus.STARTED:
             break
         cursor = max(cursor, row.id)
     return cursor
@@ -133,45 +136,51 @@ def _kind(row: SagaLog) -> str:
     """What a log row means for its saga, in an operator's words."""
     if row.phase == SagaLog.Phase.OPERATOR:
         return "operator"
-    if row.status in (LogStatus.DUPLICATE, LogStatus.IGNORED, LogStatus.LOST):
+    if row.status in (LogStatus.DUPLICATE, LogStatus.IGNORED):
         return "ignored"
+    if row.status == LogStatus.LOST:
+        return "redelivered"
+    if row.status == LogStatus.STARTED:
+        return "called_out"
+    action = row.phase == SagaLog.Phase.ACTION
+    if row.status == LogStatus.RETRYING or (not action and row.status == LogStatus.TIMED_OUT):
+        return "retrying"
     definition = _definition(row.saga.saga_type)
-    if row.phase == SagaLog.Phase.ACTION:
+    if action:
         if row.status in (LogStatus.FAILED, LogStatus.TIMED_OUT):
             return "compensating"
-        if row.step_index == 0 and row.attempt == 1:
-            return "started"
-        if row.status == LogStatus.RETRYING:
-            return "retrying"
-        if row.status in SagaLog.DONE:
-            last = definition is not None and row.step_index == len(definition.steps) - 1
-            return "completed" if last else "step_done"
-        return "called_out"
-    if row.status == LogStatus.RETRYING:
-        return "retrying"
+        if definition is not None and row.step_index == len(definition.steps) - 1:
+            return "completed"
+        return "started" if row.step_index == 0 else "step_done"
     if row.status == LogStatus.FAILED:
         return "failed"
-    if row.status in SagaLog.DONE:
-        if definition is not None and definition.next_to_undo(row.step_index) is None:
-            return "compensated"
-        return "undone"
-    return "called_out"
+    if definition is not None and definition.next_to_undo(row.step_index) is None:
+        return "compensated"
+    return "undone"
 
 
-_FLEET_CURSOR = re.compile(rf"(\d{{1,18}})((?:~\d{{1,18}}\.\d{{1,12}}){{0,{MAX_GAPS}}})")
+_FLEET_CURSOR = re.compile(rf"(\d{{1,18}})((?:[~!]\d{{1,18}}\.\d{{1,12}}){{0,{MAX_GAPS}}})")
+_CURSOR_PART = re.compile(r"([~!])(\d+)\.(\d+)")
 
 
 @dataclass(frozen=True)
 class FleetCursor:
-    """Where a reader of the fleet's transitions is: every id up to ``high`` was read,
-    except ``gaps``: ids below it not yet visible then (their transactions had not
-    committed), each with when it was first missed (Unix seconds).
+    """Where a reader of the fleet's transitions is.
 
-    Written ``<high>`` then ``~<id>.<seconds>`` per gap, e.g. ``812~809.1764677000``.
+    - ``high``: every id up to it was read,
+    - ``gaps``: except these ids, not visible then (their transactions had not
+      committed yet),
+    - ``opens``: and these rows were read as ``started`` (a call out to another
+      system); the call's outcome is written into the same row later.
+
+    Each with when it was first noted (Unix seconds). Written ``<high>``, then
+    ``~<id>.<seconds>`` per gap and ``!<id>.<seconds>`` per open row, e.g.
+    ``812~809.1764677000!805.1764676990``.
     """
 
     high: int
     gaps: tuple[tuple[int, int], ...] = ()
+    opens: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> FleetCursor:
@@ -179,16 +188,21 @@ class FleetCursor:
         if match is None:
             raise ValueError(
                 "must be the cursor of an earlier answer (digits, then at most "
-                f"{MAX_GAPS} '~<id>.<seconds>' parts)"
+                f"{MAX_GAPS} '~<id>.<seconds>' or '!<id>.<seconds>' parts)"
             )
-        gaps = tuple(
-            (int(gap), int(seen))
-            for gap, seen in (part.split(".") for part in match.group(2).split("~")[1:])
+        parts = _CURSOR_PART.findall(match.group(2))
+        return cls(
+            int(match.group(1)),
+            tuple((int(i), int(t)) for mark, i, t in parts if mark == "~"),
+            tuple((int(i), int(t)) for mark, i, t in parts if mark == "!"),
         )
-        return cls(int(match.group(1)), gaps)
 
     def __str__(self) -> str:
-        return str(self.high) + "".join(f"~{gap}.{seen}" for gap, seen in self.gaps)
+        return (
+            str(self.high)
+            + "".join(f"~{gap}.{seen}" for gap, seen in self.gaps)
+            + "".join(f"!{row}.{seen}" for row, seen in self.opens)
+        )
 
 
 def _missing(after: int, present: list[int]) -> list[int]:
@@ -240,6 +254,7 @@ def transitions(*, owner, after: FleetCursor | None) -> tuple[list[dict[str, Any
 
     now = int(time.time())
     old_gaps = dict(after.gaps)
+    old_opens = dict(after.opens)
     ids = list(
         SagaLog.objects.filter(Q(id__gt=after.high) | Q(id__in=old_gaps))
         .order_by("id")
@@ -247,13 +262,33 @@ def transitions(*, owner, after: FleetCursor | None) -> tuple[list[dict[str, Any
     )
     filled = [row_id for row_id in ids if row_id in old_gaps]
     ahead = [row_id for row_id in ids if row_id > after.high][:EVENTS_PAGE]
-    batch = list(rows.filter(id__in=filled + ahead).order_by("id")) if ids else []
+    wanted = filled + ahead + list(old_opens)
+    batch = list(rows.filter(id__in=wanted).order_by("id")) if wanted else []
+    # A row read as started comes again once its outcome is written into it.
+    still_open = {
+        row.id for row in batch if row.id in old_opens and row.status == LogStatus.STARTED
+    }
+    fresh = [row for row in batch if row.id not in still_open]
     settle = settle_s()
     gaps = [
         (gap, seen) for gap, seen in after.gaps if gap not in filled and now - seen <= settle
     ] + [(gap, now) for gap in _missing(after.high, ahead)]
-    cursor = FleetCursor(ahead[-1] if ahead else after.high, tuple(gaps[-MAX_GAPS:]))
-    return _events(batch), cursor
+    opens = [
+        (row_id, seen)
+        for row_id, seen in after.opens
+        if row_id in still_open and now - seen <= OPEN_FOLLOW_S
+    ] + [
+        (row.id, now)
+        for row in fresh
+        if row.status == LogStatus.STARTED and row.id not in old_opens
+    ]
+    room = max(MAX_GAPS - len(opens), 0)
+    cursor = FleetCursor(
+        ahead[-1] if ahead else after.high,
+        tuple(gaps[-room:] if room else ()),
+        tuple(opens[-MAX_GAPS:]),
+    )
+    return _events(fresh), cursor
 
 
 def _events(batch: list[SagaLog]) -> list[dict[str, Any]]:

@@ -34,7 +34,8 @@ LogStatus = SagaLog.Status
 Status = Saga.Status
 # Rows that say nothing about the step's own outcome.
 _NOISE = (LogStatus.DUPLICATE, LogStatus.IGNORED, LogStatus.NOTE)
-_DELIVERIES = (LogStatus.DUPLICATE, LogStatus.IGNORED, LogStatus.LOST)
+_DELIVERIES = (LogStatus.DUPLICATE, LogStatus.IGNORED)
+_EMPTY = ([], {}, "", None)
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,10 @@ class TimelineCell:
     failing: bool = False
     # 1-based order in which the compensations ran (0: did not run).
     order: int = 0
-    # Deliveries that were ignored: duplicates, out-of-turn copies, copies lost with a worker.
+    # Deliveries that were ignored: duplicates and out-of-turn copies.
     duplicates: int = 0
+    # Deliveries run again because the worker running an earlier one was lost.
+    redelivered: int = 0
     # It failed once, and a later attempt (an operator's retry) succeeded.
     healed: bool = False
     # The first attempt's start and the deciding attempt's end and duration.
@@ -90,11 +93,11 @@ def _outcome_rows(rows: list[SagaLog]) -> list[SagaLog]:
 
 
 def _had_nothing_to_do(result: Any) -> bool:
-    """A result whose every value is empty (``{"held": []}``): the step found no work.
-
-    ``None`` is not such a result: a step may do its work and report nothing.
-    """
-    return isinstance(result, dict) and bool(result) and not any(result.values())
+    """``None``, or a dict whose every value is empty (``{"held": []}``): see
+    ``sagas.definitions``. Zero and False are answers, not emptiness."""
+    if result is None:
+        return True
+    return isinstance(result, dict) and all(value in _EMPTY for value in result.values())
 
 
 def _common(rows: list[SagaLog], outcomes: list[SagaLog]) -> dict[str, Any]:
@@ -104,6 +107,7 @@ def _common(rows: list[SagaLog], outcomes: list[SagaLog]) -> dict[str, Any]:
         "retries": sum(row.status == LogStatus.RETRYING for row in rows),
         "error": last.error if last is not None else "",
         "duplicates": sum(row.status in _DELIVERIES for row in rows),
+        "redelivered": sum(row.status == LogStatus.LOST for row in rows),
         "started_at": outcomes[0].started_at if outcomes else None,
         "finished_at": last.finished_at if last is not None else None,
         "duration_ms": last.duration_ms if last is not None else None,
@@ -136,7 +140,8 @@ def _action_cell(
     if saga.status in (Status.PENDING, Status.RUNNING) and index == saga.steps_done:
         if saga.status == Status.PENDING:
             return TimelineCell(name, "running", "queued", **common)
-        label = "called out, awaiting answer" if last is not None else "in progress"
+        called_out = last is not None and last.status == LogStatus.STARTED
+        label = "called out, awaiting answer" if called_out else "in progress"
         return TimelineCell(name, "running", label, **common)
     label = "waiting" if saga.status in (Status.PENDING, Status.RUNNING) else "not reached"
     return TimelineCell(name, "not_reached", label, **common)
@@ -214,8 +219,10 @@ def saga_timeline(saga: Saga, definition: SagaDefinition, logs: Iterable[SagaLog
             rows = by_key[(COMPENSATION, step.undo_name)]
             # An action that ran, or timed out (it may have had its effect),
             # is undone; one that never ran has nothing to undo.
+            # So is one whose call went out before it failed (may_have_effect).
+            uncertain = any(row.may_have_effect for row in by_key[(ACTION, step.name)])
             needed = compensating and (
-                action.state in ("succeeded", "nothing", "timed_out") or bool(rows)
+                action.state in ("succeeded", "nothing", "timed_out") or uncertain or bool(rows)
             )
             order = (
                 compensation_order.index(step.undo_name) + 1

@@ -56,6 +56,8 @@ class Seeder:
             "started_at": self.clock,
             "finished_at": self.clock + timedelta(milliseconds=120),
             "duration_ms": 120,
+            # What a step that did its work returns (None would read "nothing to do").
+            "result": {"done": step} if status == "succeeded" else None,
         }
         values.update(fields)
         return SagaLog.objects.create(saga=saga, step=step, phase=phase, status=status, **values)

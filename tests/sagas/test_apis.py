@@ -31,6 +31,8 @@ def make_saga(
 
 def log(saga, step, phase, status, minute, index=0, **extra):
     at = timezone.now().replace(microsecond=0) + timedelta(minutes=minute)
+    if status == "succeeded":
+        extra.setdefault("result", {"done": step})  # None would read "nothing to do"
     return SagaLog.objects.create(
         saga=saga,
         step=step,

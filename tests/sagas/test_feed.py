@@ -110,6 +110,48 @@ def test_the_graph_marks_duplicates_and_a_compensation_healed_by_an_operator_ret
     assert graph["terminal"]
 
 
+@pytest.mark.parametrize(
+    ("result", "state"),
+    [
+        ({"held": []}, "nothing"),
+        (None, "nothing"),
+        ({"amount": 0}, "succeeded"),
+        ({"held": ["h1"]}, "succeeded"),
+    ],
+)
+def test_an_action_that_found_no_work_reads_nothing_to_do(customer, result, state):
+    saga = make_saga(customer, Status.RUNNING, steps_done=1)
+    row = log(saga, "reserve_flight", "action", "succeeded", 0, index=0, result=result)
+
+    graph = feed.graph_data(saga, [row])
+
+    assert graph["steps"][0]["action"]["state"] == state
+
+
+def test_a_redelivery_after_a_lost_worker_is_counted_apart_and_reads_in_progress(customer):
+    saga = make_saga(customer, Status.RUNNING, steps_done=1)
+    rows = [
+        log(saga, "reserve_flight", "action", "succeeded", -1, index=0),
+        log(saga, "reserve_hotel", "action", "lost", 0, index=1, may_have_effect=True),
+    ]
+
+    hotel = feed.graph_data(saga, rows)["steps"][1]["action"]
+
+    assert (hotel["state"], hotel["label"]) == ("running", "in progress")
+    assert (hotel["redelivered"], hotel["duplicates"]) == (1, 0)
+
+
+def test_a_call_that_failed_after_going_out_is_due_for_undoing(customer):
+    saga = make_saga(customer, Status.COMPENSATING, steps_done=3, undo_cursor=4)
+    rows = [
+        log(saga, "charge_payment", "action", "failed", 0, index=3, may_have_effect=True),
+    ]
+
+    refund = feed.graph_data(saga, rows)["steps"][3]["compensation"]
+
+    assert (refund["state"], refund["label"]) == ("pending", "to undo")
+
+
 def test_a_saga_of_an_undeclared_type_has_no_graph_but_its_log(customer, client_for):
     saga = make_saga(customer, Status.RUNNING, saga_type="retired_type")
     log(saga, "old_step", "action", "succeeded", 0)
@@ -289,6 +331,64 @@ def test_a_bad_fleet_cursor_is_refused_naming_the_parameter(operator, client_for
 
     assert response.status_code == 400
     assert "after" in response.json()["errors"]
+
+
+def test_a_called_out_step_comes_again_when_its_outcome_is_written_into_its_row(
+    operator, customer, client_for
+):
+    client = client_for(operator)
+    saga = make_saga(customer, Status.RUNNING, steps_done=3)
+    cursor = live(client)["cursor"]
+    charge = log(saga, "charge_payment", "action", "started", 0, index=3)
+
+    first = live(client, cursor)
+    assert [(e["id"], e["kind"]) for e in first["events"]] == [(charge.id, "called_out")]
+    assert f"!{charge.id}." in first["cursor"]
+    assert live(client, first["cursor"])["events"] == []  # still out: nothing new
+
+    SagaLog.objects.filter(pk=charge.pk).update(status="failed")  # barrier.close_call
+    closed = live(client, first["cursor"])
+    assert [(e["id"], e["kind"]) for e in closed["events"]] == [(charge.id, "compensating")]
+    assert "!" not in closed["cursor"]
+    assert live(client, closed["cursor"])["events"] == []
+
+
+def test_one_sagas_cursor_waits_on_a_called_out_row_until_its_outcome(
+    customer, client_for, settled
+):
+    client = client_for(customer)
+    saga = make_saga(customer, Status.RUNNING, steps_done=3)
+    done = log(saga, "reserve_car", "action", "succeeded", -1, index=2)
+    charge = log(saga, "charge_payment", "action", "started", -1, index=3)
+
+    answer = client.get(f"/api/sagas/{saga.id}/", {"after": 0}).json()
+    assert answer["cursor"] == str(done.id)
+
+    SagaLog.objects.filter(pk=charge.pk).update(status="succeeded")
+    again = client.get(f"/api/sagas/{saga.id}/", {"after": answer["cursor"]}).json()
+    assert [(row["id"], row["status"]) for row in again["log"]] == [(charge.id, "succeeded")]
+    assert again["cursor"] == str(charge.id)
+
+
+@pytest.mark.parametrize(
+    ("phase", "index", "status", "attempt", "kind"),
+    [
+        ("action", 0, "retrying", 1, "retrying"),
+        ("action", 0, "succeeded", 1, "started"),
+        ("action", 4, "succeeded", 1, "completed"),
+        ("action", 3, "started", 1, "called_out"),
+        ("action", 1, "lost", 1, "redelivered"),
+        ("compensation", 1, "timed_out", 1, "retrying"),
+        ("compensation", 0, "succeeded", 1, "compensated"),
+        ("compensation", 2, "skipped", 1, "undone"),
+        ("compensation", 2, "failed", 3, "failed"),
+    ],
+)
+def test_each_log_row_reads_as_the_transition_it_is(customer, phase, index, status, attempt, kind):
+    saga = make_saga(customer, Status.RUNNING)
+    row = log(saga, "a_step", phase, status, 0, index=index, attempt=attempt)
+
+    assert feed._kind(SagaLog.objects.select_related("saga").get(pk=row.pk)) == kind
 
 
 def test_the_live_feed_needs_a_login(client):

@@ -47,6 +47,9 @@
       var dup = data.duplicates + " duplicate deliver" + (data.duplicates === 1 ? "y" : "ies") + " ignored";
       box.appendChild(el("div", "tl-dup", dup));
     }
+    if (data.redelivered) {
+      box.appendChild(el("div", "tl-dup", data.redelivered + " redelivered (worker lost)"));
+    }
     if (data.healed) box.appendChild(el("div", "tl-healed", "healed"));
     if (data.failing) {
       box.appendChild(el("div", "tl-flag", phase === "action" ? "\u2717 failing step" : "\u2717 compensation failed"));
@@ -112,7 +115,7 @@
     var now = root.querySelector(".live-now");
     var live = root.querySelector(".saga-live");
     var events = root.querySelector(".saga-events");
-    var seen = new Set();
+    var items = new Map();  // log row id -> its list item (a started row changes later)
     var cursor = root.dataset.cursor;
     var delay = POLL_MS;
 
@@ -133,25 +136,39 @@
 
     function append(rows) {
       rows.forEach(function (row) {
-        if (seen.has(row.id)) return;
-        seen.add(row.id);
-        var item = el("li");
+        var item = items.get(row.id);
+        if (item && item.dataset.status === row.status) return;
+        if (!item) {
+          item = el("li");
+          items.set(row.id, item);
+          events.appendChild(item);
+        }
         item.dataset.status = row.status;
-        item.appendChild(el("span", "ev-kind", new Date(row.finished_at).toLocaleTimeString()));
-        item.appendChild(document.createTextNode(describeRow(row)));
-        events.appendChild(item);
+        item.replaceChildren(
+          el("span", "ev-kind", new Date(row.finished_at).toLocaleTimeString()),
+          document.createTextNode(describeRow(row)));
         events.scrollTop = events.scrollHeight;
       });
+    }
+
+    function later(ms) {
+      window.setTimeout(function () { whenVisible(poll); }, ms);
     }
 
     function poll() {
       var url = root.dataset.feedUrl + "?after=" + encodeURIComponent(cursor);
       fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
         .then(function (response) {
+          if (response.status >= 400 && response.status < 500 && response.status !== 429) {
+            // Logged out, or the saga is gone: asking again will not help.
+            stop("the feed refused (HTTP " + response.status + "); reload the page");
+            return null;
+          }
           if (!response.ok) throw new Error("HTTP " + response.status);
           return response.json();
         })
         .then(function (answer) {
+          if (answer === null) return;
           delay = POLL_MS;
           cursor = answer.cursor;
           show(answer.graph, answer.status);
@@ -162,12 +179,12 @@
             return;
           }
           note.textContent = "updating live";
-          window.setTimeout(poll, delay);
+          later(delay);
         })
         .catch(function (error) {
           delay = Math.min(delay * 2, BACKOFF_MAX_MS);
           note.textContent = "feed unavailable (" + error.message + "); retrying";
-          window.setTimeout(poll, delay);
+          later(delay);
         });
     }
 
@@ -179,8 +196,18 @@
       live.dataset.live = "true";
       root.dataset.live = "true";
       note.textContent = "updating live";
-      window.setTimeout(poll, POLL_MS);
+      later(POLL_MS);
     }
+  }
+
+  // A hidden tab asks nothing; it catches up as soon as it is shown again.
+  function whenVisible(callback) {
+    if (!document.hidden) return callback();
+    document.addEventListener("visibilitychange", function shown() {
+      if (document.hidden) return;
+      document.removeEventListener("visibilitychange", shown);
+      callback();
+    });
   }
 
   window.BacktrackSagaGraph = { draw: draw, follow: follow };

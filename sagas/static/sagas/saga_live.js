@@ -10,7 +10,8 @@
   var WORDS = {
     started: "started", step_done: "step done", called_out: "called out", retrying: "retrying",
     completed: "completed", compensating: "compensating", undone: "undone",
-    compensated: "compensated", failed: "FAILED", ignored: "ignored copy", operator: "operator"
+    compensated: "compensated", failed: "FAILED", ignored: "ignored copy",
+    redelivered: "redelivered", operator: "operator"
   };
 
   function el(tag, className, text) {
@@ -35,7 +36,8 @@
   }
 
   function start(root) {
-    var seen = new Set();
+    var seen = new Map();  // event id -> status shown (a started row changes later)
+    var stopped = false;
     var cursor = null;
     var delay = POLL_MS;
     var note = document.getElementById("live-note");
@@ -82,8 +84,8 @@
 
     function addEvents(items) {
       items.forEach(function (event) {
-        if (seen.has(event.id)) return;
-        seen.add(event.id);
+        if (seen.get(event.id) === event.status) return;
+        seen.set(event.id, event.status);
         var item = el("li", "ev-" + event.kind);
         item.dataset.kind = event.kind;
         item.dataset.sagaId = event.saga_id;
@@ -103,10 +105,17 @@
       var url = root.dataset.feedUrl + (cursor === null ? "" : "?after=" + encodeURIComponent(cursor));
       fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
         .then(function (response) {
+          if (response.status >= 400 && response.status < 500 && response.status !== 429) {
+            stopped = true;  // logged out or not allowed: asking again will not help
+            root.dataset.live = "false";
+            note.textContent = "the feed refused (HTTP " + response.status + "); reload the page";
+            return null;
+          }
           if (!response.ok) throw new Error("HTTP " + response.status);
           return response.json();
         })
         .then(function (answer) {
+          if (answer === null) return;
           cursor = answer.cursor;
           drawInFlight(answer.in_flight);
           drawRates(answer.rates_per_minute);
@@ -122,10 +131,22 @@
           delay = Math.min(delay * 2, BACKOFF_MAX_MS);
           note.textContent = "feed unavailable (" + error.message + "); retrying";
         })
-        .finally(function () { window.setTimeout(poll, delay); });
+        .finally(function () {
+          if (!stopped) window.setTimeout(function () { whenVisible(poll); }, delay);
+        });
     }
 
     poll();
+  }
+
+  // A hidden tab asks nothing; it catches up as soon as it is shown again.
+  function whenVisible(callback) {
+    if (!document.hidden) return callback();
+    document.addEventListener("visibilitychange", function shown() {
+      if (document.hidden) return;
+      document.removeEventListener("visibilitychange", shown);
+      callback();
+    });
   }
 
   document.addEventListener("DOMContentLoaded", function () {
