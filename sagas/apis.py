@@ -7,6 +7,7 @@ staff, who get a serializer that extends the public one.
 
 from __future__ import annotations
 
+from django.core.cache import cache
 from django_filters import rest_framework as filters
 from drf_spectacular.utils import (
     OpenApiParameter,
@@ -373,6 +374,9 @@ class SagaDetailApi(APIView):
         return Response(output(saga, context=context).data)
 
 
+LIVE_SUMMARY_CACHE_S = 1
+
+
 class SagaLiveApi(APIView):
     """What is happening now: transitions since a cursor, sagas in flight, rates, FAILED sagas."""
 
@@ -452,22 +456,31 @@ class SagaLiveApi(APIView):
         except ValueError as exc:
             raise serializers.ValidationError({"after": [str(exc)]}) from None
         user = request.user
-        sagas = selectors.sagas_visible_to(user)
         events, next_cursor = feed.transitions(owner=None if user.is_staff else user, after=cursor)
-        failed, failed_count = feed.awaiting_operator(sagas)
-        output = SagaStaffOutputSerializer if user.is_staff else SagaOutputSerializer
+        # The fleet's numbers change by the second, and every open page asks for them:
+        # read them once a second per process and viewer, however many pages poll.
+        viewer = "staff" if user.is_staff else f"owner:{user.pk}"
+        summary = cache.get_or_set(
+            f"sagas:live:{viewer}", lambda: self.summary(user), LIVE_SUMMARY_CACHE_S
+        )
         return Response(
             {
                 "cursor": str(next_cursor),
                 "events": self.OutputSerializer.EventSerializer(events, many=True).data,
-                "in_flight": feed.in_flight(sagas),
-                "rates_per_minute": feed.rates(sagas),
-                "awaiting_operator": {
-                    "count": failed_count,
-                    "sagas": output(failed, many=True).data,
-                },
+                **summary,
             }
         )
+
+    @staticmethod
+    def summary(user) -> dict:
+        sagas = selectors.sagas_visible_to(user)
+        failed, failed_count = feed.awaiting_operator(sagas)
+        output = SagaStaffOutputSerializer if user.is_staff else SagaOutputSerializer
+        return {
+            "in_flight": feed.in_flight(sagas),
+            "rates_per_minute": feed.rates(sagas),
+            "awaiting_operator": {"count": failed_count, "sagas": output(failed, many=True).data},
+        }
 
 
 class SagaStatsApi(APIView):

@@ -17,6 +17,14 @@ pytestmark = pytest.mark.django_db
 Status = Saga.Status
 
 
+@pytest.fixture(autouse=True)
+def _fresh_summary():
+    """The live summary is cached for a second per process: each test reads its own rows."""
+    from django.core.cache import cache
+
+    cache.clear()
+
+
 @pytest.fixture
 def settled(settings):
     """Rows count as settled at once: the cursor is not held back behind them."""
@@ -389,6 +397,21 @@ def test_each_log_row_reads_as_the_transition_it_is(customer, phase, index, stat
     row = log(saga, "a_step", phase, status, 0, index=index, attempt=attempt)
 
     assert feed._kind(SagaLog.objects.select_related("saga").get(pk=row.pk)) == kind
+
+
+def test_the_fleet_summary_is_read_once_a_second_however_many_pages_poll(operator, client_for):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    client = client_for(operator)
+    with CaptureQueriesContext(connection) as first:
+        cursor = live(client)["cursor"]
+    with CaptureQueriesContext(connection) as second:
+        live(client, cursor)
+
+    summary_tables = [q for q in first.captured_queries if '"sagas_saga"' in q["sql"]]
+    assert summary_tables
+    assert not [q for q in second.captured_queries if 'FROM "sagas_saga"' in q["sql"]]
 
 
 def test_the_live_feed_needs_a_login(client):
