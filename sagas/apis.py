@@ -249,7 +249,8 @@ AFTER_PARAMETER = OpenApiParameter(
     description=(
         "The `cursor` of an earlier answer: only log rows recorded after it are listed. "
         "Rows of the last few seconds can come again on the next poll (a row may commit "
-        "after a newer one); drop the ids you already have."
+        "after a newer one, and a called-out step's row gets its outcome later): keep the "
+        "latest copy of each row by id."
     ),
 )
 

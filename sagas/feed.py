@@ -11,7 +11,7 @@ order: a row with a smaller id can become visible after a larger one was read.
 
 - One saga's cursor (``next_cursor``) never passes a row that finished less
   than ``SAGA_FEED_SETTLE_S`` ago: those few rows come again on the next polls
-  (clients drop the ids they have), and a row whose transaction commits within
+  (clients keep the latest copy of each id), and a row whose transaction commits within
   that time after it finished is never skipped.
 - The fleet's cursor (``FleetCursor``) cannot hold back that way: a burst
   leaves more rows unsettled than a page holds, and the reader would fall
