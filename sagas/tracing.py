@@ -250,15 +250,23 @@ def attempt(saga_id, step: str, phase: str, attempt: int, round: int = 0):
 class SagaLogFilter(logging.Filter):
     """Copies the running attempt's ``saga_id``, ``step`` and ``trace_id`` onto each record.
 
-    Blank outside an attempt. ``saga_context`` is the same as one suffix for
-    plain-text formats (`` saga_id=... step=... trace_id=...``, or "").
+    Blank outside an attempt (and ``trace_id`` with tracing off).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        saga_id = record.saga_id = saga_id_var.get()
-        step = record.step = step_var.get()
-        trace_id = record.trace_id = trace_id_var.get()
-        record.saga_context = (
-            f" saga_id={saga_id} step={step} trace_id={trace_id or '-'}" if saga_id else ""
-        )
+        record.saga_id = saga_id_var.get()
+        record.step = step_var.get()
+        record.trace_id = trace_id_var.get()
         return True
+
+
+class PlainFormatter(logging.Formatter):
+    """Text lines; one logged inside a step ends with ``saga_id=... step=... trace_id=...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        saga_id = getattr(record, "saga_id", "")
+        if not saga_id:
+            return line
+        trace_id = getattr(record, "trace_id", "") or "-"
+        return f"{line} saga_id={saga_id} step={getattr(record, 'step', '')} trace_id={trace_id}"

@@ -198,7 +198,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "filters": {"saga": {"()": "sagas.tracing.SagaLogFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s%(saga_context)s"},
+        "plain": {
+            "()": "sagas.tracing.PlainFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+        },
         "json": {
             "()": "pythonjsonlogger.json.JsonFormatter",
             "fmt": (
