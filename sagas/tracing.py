@@ -92,6 +92,14 @@ def traceparent_of(span) -> str:
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
 
+def trace_id_of(traceparent: str) -> str:
+    """The trace id (32 hex digits) in a stored ``traceparent``; "" if there is none."""
+    parts = traceparent.split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or parts[1] == "0" * 32:
+        return ""
+    return parts[1]
+
+
 def _parent(traceparent: str):
     """The OpenTelemetry context whose span is the one ``traceparent`` names (None if none)."""
     if not traceparent:
