@@ -27,6 +27,7 @@ gateway's calls), and activates the saga engine's own spans
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ DEFAULT_OTLP_ENDPOINT = "http://localhost:4318"
 EXCLUDED_URLS = "healthz,metrics"
 
 _provider = None
+logger = logging.getLogger(__name__)
 
 
 def exporters_from_env(environ: Mapping[str, str] = os.environ) -> tuple[str, ...]:
@@ -120,6 +122,7 @@ def configure_tracing(role: str, *, exporters: tuple[str, ...] | None = None):
     instrument(provider, django=role == "web")
     saga_tracing.activate(provider)
     _provider = provider
+    logger.info("tracing on: %s, service %s (pid %d)", ",".join(exporters), name, os.getpid())
     return provider
 
 
@@ -135,6 +138,8 @@ def span_processor(exporter: str):
         # The real stdout: a worker's sys.stdout may be Celery's logging proxy.
         return SimpleSpanProcessor(ConsoleSpanExporter(out=sys.__stdout__))
     if exporter == "drop":
+        from sagas.tracing import DropSpanExporter
+
         return BatchSpanProcessor(DropSpanExporter())
     from django.conf import settings
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -163,18 +168,3 @@ def shutdown_tracing() -> None:
     """Export what is still queued and stop (a worker process on its way out)."""
     if _provider is not None:
         _provider.shutdown()
-
-
-class DropSpanExporter:
-    """An exporter that throws spans away: tracing's whole cost in the process, none on the wire."""
-
-    def export(self, spans):
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        return None
-
-    def force_flush(self, timeout_millis: int = 30_000) -> bool:
-        return True

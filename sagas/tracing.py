@@ -252,6 +252,31 @@ def attempt(saga_id, step: str, phase: str, attempt: int, round: int = 0):
         saga_id_var.reset(saga_token)
 
 
+class DropSpanExporter:
+    """Throws spans away: all of tracing's work in the process, nothing sent (the bench)."""
+
+    def export(self, spans):
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+
+def dropping_provider():
+    """A tracer provider whose batched spans are thrown away (the bench's process side)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(DropSpanExporter()))
+    return provider
+
+
 # --- logging -------------------------------------------------------------------------
 
 
