@@ -200,14 +200,22 @@ LOGGING = {
     "formatters": {
         "plain": {
             "()": "sagas.tracing.PlainFormatter",
-            "format": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            # LEVEL/processName as Celery's own format has it: the chaos harness
+            # finds a worker's last "CRITICAL/" or "ERROR/Main..." line by it.
+            "format": "%(asctime)s %(levelname)s/%(processName)s %(name)s %(message)s",
         },
         "json": {
             "()": "pythonjsonlogger.json.JsonFormatter",
             "fmt": (
-                "%(asctime)s %(levelname)s %(name)s %(message)s %(saga_id)s %(step)s %(trace_id)s"
+                "%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s"
+                " %(saga_id)s %(step)s %(trace_id)s"
             ),
-            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+            "rename_fields": {
+                "asctime": "time",
+                "levelname": "level",
+                "processName": "process",
+                "name": "logger",
+            },
         },
     },
     "handlers": {

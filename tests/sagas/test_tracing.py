@@ -114,6 +114,7 @@ with tracing.attempt("saga-9", "charge_payment", "action", 2):
     assert [{k: v for k, v in line.items() if k != "time"} for line in lines] == [
         {
             "level": "WARNING",
+            "process": "MainProcess",
             "logger": "tests.json",
             "message": "outside",
             "saga_id": "",
@@ -122,6 +123,7 @@ with tracing.attempt("saga-9", "charge_payment", "action", 2):
         },
         {
             "level": "WARNING",
+            "process": "MainProcess",
             "logger": "tests.json",
             "message": "inside a step",
             "saga_id": "saga-9",
@@ -146,6 +148,6 @@ with tracing.attempt("saga-9", "charge_payment", "action", 2):
     assert started.returncode == 0, started.stderr
     lines = [line.split(" ", 2)[2] for line in started.stderr.splitlines() if "tests.plain" in line]
     assert lines == [
-        "WARNING tests.plain outside",
-        "WARNING tests.plain inside saga_id=saga-9 step=charge_payment trace_id=-",
+        "WARNING/MainProcess tests.plain outside",
+        "WARNING/MainProcess tests.plain inside saga_id=saga-9 step=charge_payment trace_id=-",
     ]
