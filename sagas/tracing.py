@@ -39,6 +39,8 @@ saga_id_var: ContextVar[str] = ContextVar("saga_id", default="")
 step_var: ContextVar[str] = ContextVar("saga_step", default="")
 trace_id_var: ContextVar[str] = ContextVar("trace_id", default="")
 
+logger = logging.getLogger(__name__)
+
 # The engine's tracer, set by activate(); None means tracing is off.
 _tracer = None
 TRACER_NAME = "backtrack.sagas"
@@ -181,9 +183,18 @@ class Attempt:
         self.start_ns = time.time_ns() if _tracer is not None else 0
 
     def join(self, saga) -> None:
-        """Start this attempt's span under ``saga``'s saga span; a second call does nothing."""
+        """Start this attempt's span under ``saga``'s saga span; a second call does nothing.
+
+        Tracing never fails a step: an error here is logged and the attempt runs untraced.
+        """
         if _tracer is None or self.span is not None:
             return
+        try:
+            self._start(saga)
+        except Exception:
+            logger.warning("saga %s %s: could not trace it", self.saga_id, self.step, exc_info=True)
+
+    def _start(self, saga) -> None:
         from opentelemetry import context as otel_context
         from opentelemetry import trace
 
@@ -203,7 +214,7 @@ class Attempt:
         }
         if self.round:
             attributes["saga.round"] = self.round
-        self.span = _tracer.start_span(
+        span = _tracer.start_span(
             f"{self.phase} {self.step}",
             context=parent,
             attributes=attributes,
@@ -211,26 +222,36 @@ class Attempt:
             start_time=self.start_ns,
         )
         # Current from here on: the step's own database and Redis calls are its children.
-        self._token = otel_context.attach(trace.set_span_in_context(self.span))
-        trace_id_var.set(f"{self.span.get_span_context().trace_id:032x}")
+        self._token = otel_context.attach(trace.set_span_in_context(span))
+        self.span = span
+        trace_id_var.set(f"{span.get_span_context().trace_id:032x}")
 
     def close(self, exc: BaseException | None) -> None:
+        """End the span (if there is one) with the attempt's outcome and error."""
         span = self.span
         if span is None:
             return
-        from celery.exceptions import Ignore, Retry
         from opentelemetry import context as otel_context
+
+        try:
+            self._finish(span, exc)
+        except Exception:
+            logger.warning("saga %s %s: could not end its span", self.saga_id, self.step)
+        finally:
+            otel_context.detach(self._token)
+            span.end()
+
+    def _finish(self, span, exc: BaseException | None) -> None:
+        from celery.exceptions import Ignore, Retry
         from opentelemetry.trace import Status, StatusCode
 
         error = exc.exc if isinstance(exc, Retry) else exc
         if isinstance(exc, Retry) and not self.outcome:
             self.outcome = "retrying"
-        if error is not None and isinstance(error, BaseException) and not isinstance(error, Ignore):
+        if isinstance(error, BaseException) and not isinstance(error, Ignore):
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         span.set_attribute("saga.outcome", self.outcome or ("failed" if error else "succeeded"))
-        otel_context.detach(self._token)
-        span.end()
 
 
 @contextmanager

@@ -193,31 +193,33 @@ def log_format_from_env() -> str:
 # (sagas.tracing.SagaLogFilter; blank outside a step). LOG_FORMAT=json writes
 # one JSON object per line with those as fields.
 LOG_FORMAT = log_format_from_env()
+_LOG_FORMATTERS = {
+    "plain": {
+        "()": "sagas.tracing.PlainFormatter",
+        # LEVEL/processName as Celery's own format has it: the chaos harness
+        # finds a worker's last "CRITICAL/" or "ERROR/Main..." line by it.
+        "format": "%(asctime)s %(levelname)s/%(processName)s %(name)s %(message)s",
+    },
+    "json": {
+        "()": "pythonjsonlogger.json.JsonFormatter",
+        "fmt": (
+            "%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s"
+            " %(saga_id)s %(step)s %(trace_id)s"
+        ),
+        "rename_fields": {
+            "asctime": "time",
+            "levelname": "level",
+            "processName": "process",
+            "name": "logger",
+        },
+    },
+}
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"saga": {"()": "sagas.tracing.SagaLogFilter"}},
-    "formatters": {
-        "plain": {
-            "()": "sagas.tracing.PlainFormatter",
-            # LEVEL/processName as Celery's own format has it: the chaos harness
-            # finds a worker's last "CRITICAL/" or "ERROR/Main..." line by it.
-            "format": "%(asctime)s %(levelname)s/%(processName)s %(name)s %(message)s",
-        },
-        "json": {
-            "()": "pythonjsonlogger.json.JsonFormatter",
-            "fmt": (
-                "%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s"
-                " %(saga_id)s %(step)s %(trace_id)s"
-            ),
-            "rename_fields": {
-                "asctime": "time",
-                "levelname": "level",
-                "processName": "process",
-                "name": "logger",
-            },
-        },
-    },
+    # Only the one in use: dictConfig builds (and imports) every formatter listed.
+    "formatters": {LOG_FORMAT: _LOG_FORMATTERS[LOG_FORMAT]},
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["saga"]}
     },

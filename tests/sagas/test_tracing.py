@@ -151,3 +151,22 @@ with tracing.attempt("saga-9", "charge_payment", "action", 2):
         "WARNING/MainProcess tests.plain outside",
         "WARNING/MainProcess tests.plain inside saga_id=saga-9 step=charge_payment trace_id=-",
     ]
+
+
+@pytest.mark.django_db
+def test_a_tracing_error_never_fails_the_step(trip, make_booking, monkeypatch, caplog):
+    with traced() as exporter:
+        _, saga = make_booking()
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("exporter on fire")
+
+        monkeypatch.setattr(tracing._tracer, "start_span", broken)
+        reply = act(trip, saga, "reserve_flight")
+        spans = exporter.get_finished_spans()
+
+    assert reply["outcome"] == "succeeded"
+    saga.refresh_from_db()
+    assert saga.steps_done == 1
+    assert [s.name for s in spans] == ["saga trip_booking"]  # no attempt span, no harm
+    assert f"saga {saga.pk} reserve_flight: could not trace it" in caplog.text
