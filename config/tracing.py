@@ -135,8 +135,10 @@ def span_processor(exporter: str):
     )
 
     if exporter == "console":
-        # The real stdout: a worker's sys.stdout may be Celery's logging proxy.
-        return SimpleSpanProcessor(ConsoleSpanExporter(out=sys.__stdout__))
+        # One line per span (honcho prefixes each line with its process, and
+        # grep finds a saga's spans by its id), on the real stdout: a worker's
+        # sys.stdout may be Celery's logging proxy.
+        return SimpleSpanProcessor(ConsoleSpanExporter(out=sys.__stdout__, formatter=_one_line))
     if exporter == "drop":
         from sagas.tracing import DropSpanExporter
 
@@ -147,6 +149,10 @@ def span_processor(exporter: str):
     return BatchSpanProcessor(
         OTLPSpanExporter(endpoint=f"{settings.OTEL_EXPORTER_OTLP_ENDPOINT}/v1/traces")
     )
+
+
+def _one_line(span) -> str:
+    return span.to_json(indent=None) + "\n"
 
 
 def instrument(provider, *, django: bool) -> None:
