@@ -3,8 +3,16 @@ import os
 from fnmatch import fnmatchcase
 
 from celery import Celery
-from celery.signals import task_prerun, worker_before_create_process, worker_process_init
+from celery.signals import (
+    task_prerun,
+    worker_before_create_process,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 
+from config.tracing import configure_tracing, shutdown_tracing
 from sagas.leases import MessageLeases
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
@@ -103,3 +111,29 @@ def _freeze_before_fork(**_kwargs) -> None:
 def _count_long_lived_afresh(**_kwargs) -> None:
     """A child's first collection (of its unfrozen objects only) resets the long-lived count."""
     gc.collect()
+
+
+@worker_process_init.connect
+def _trace_pool_process(**_kwargs) -> None:
+    """Set up tracing in each prefork child, after the fork (config.tracing; off by default).
+
+    Never in the main process before the fork: a BatchSpanProcessor's export
+    thread would not exist in the children.
+    """
+    configure_tracing("worker")
+
+
+@worker_init.connect
+def _trace_unforked_worker(sender=None, **_kwargs) -> None:
+    """A solo or threads worker runs its tasks in this process: set up tracing here."""
+    pool = getattr(sender, "pool_cls", None) or "prefork"
+    name = pool if isinstance(pool, str) else f"{pool.__module__}.{pool.__qualname__}"
+    if not any(forking in name.lower() for forking in ("prefork", "processes")):
+        configure_tracing("worker")
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _flush_spans(**_kwargs) -> None:
+    """Export the spans still queued before the process goes (a child exits with os._exit)."""
+    shutdown_tracing()

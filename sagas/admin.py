@@ -478,6 +478,7 @@ class SagaAdmin(admin.ModelAdmin):
                     "business_key",
                     ("now_running", "last_moved"),
                     ("steps_done", "undo_cursor"),
+                    "trace_link",
                 ]
             },
         ),
@@ -519,6 +520,7 @@ class SagaAdmin(admin.ModelAdmin):
         "resolved_by",
         "resolution",
         "context_pretty",
+        "trace_link",
     ]
 
     # --- permissions ----------------------------------------------------------
@@ -604,6 +606,22 @@ class SagaAdmin(admin.ModelAdmin):
     def context_pretty(self, obj: Saga):
         text = json.dumps(obj.context, indent=2, sort_keys=True, ensure_ascii=False)
         return format_html('<pre style="margin:0;white-space:pre-wrap">{}</pre>', text)
+
+    @admin.display(description="trace")
+    def trace_link(self, obj: Saga):
+        """The saga's trace id, linked through SAGA_TRACE_URL_TEMPLATE (e.g. Jaeger) when set."""
+        from django.conf import settings
+
+        from sagas.tracing import trace_id_of
+
+        trace_id = trace_id_of(obj.trace_context)
+        if not trace_id:
+            return "\u2014"
+        template = getattr(settings, "SAGA_TRACE_URL_TEMPLATE", "")
+        if not template:
+            return format_html("<code>{}</code>", trace_id)
+        url = template.format(trace_id=trace_id)
+        return format_html('<a href="{}" rel="noopener"><code>{}</code></a>', url, trace_id)
 
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
         if obj is not None:

@@ -65,6 +65,10 @@ class Saga(models.Model):
     resolved_at = models.DateTimeField(null=True, blank=True)
     resolved_by = models.CharField(max_length=150, blank=True)
     resolution = models.TextField(blank=True)
+    # The W3C traceparent of the saga's span (sagas.tracing), written with the
+    # row when tracing is on: every step attempt, in whatever process, joins
+    # that trace from the row it loads anyway. Blank when tracing was off.
+    trace_context = models.CharField(max_length=64, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["-created_at"]

@@ -46,7 +46,7 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from sagas import barrier, faults
+from sagas import barrier, faults, tracing
 from sagas.definitions import RetryPolicy, SagaDefinition, Step
 from sagas.errors import EffectUncertain, PoisonMessage, database_unavailable
 from sagas.models import Saga, SagaLog
@@ -107,6 +107,14 @@ class _Attempt:
     # The STARTED row written before an external call; the attempt's outcome
     # overwrites it, so a row left STARTED is a call that may still land.
     marker: SagaLog | None = None
+    # Its log context and span (sagas.tracing); the span starts once the saga row is loaded.
+    trace: tracing.Attempt | None = None
+
+    def joined(self, saga: Saga) -> Saga:
+        """``saga``, this attempt's span started under its saga span (tracing on)."""
+        if self.trace is not None:
+            self.trace.join(saga)
+        return saga
 
     @property
     def redelivered(self) -> bool:
@@ -127,6 +135,8 @@ class _Attempt:
     ) -> SagaLog:
         """This attempt's log row with ``status``, not saved: the open marker if there is one."""
         finished = timezone.now()
+        if self.trace is not None:
+            self.trace.outcome = status
         if self.marker is not None:
             # Kept, not dropped: if the transaction that closed it rolls back,
             # the outcome that follows closes the same row again.
@@ -188,7 +198,13 @@ def _read(saga_id: str) -> Saga:
 
 def run_action(task: Task, definition: SagaDefinition, index: int, saga_id: str) -> dict:
     attempt = _Attempt(task, definition, index, saga_id, ACTION, timezone.now())
-    step = attempt.step
+    with tracing.attempt(saga_id, attempt.name, ACTION, attempt.number) as trace:
+        attempt.trace = trace
+        return _run_action(attempt)
+
+
+def _run_action(attempt: _Attempt) -> dict:
+    step, saga_id = attempt.step, attempt.saga_id
     try:
         _count_lost_delivery(attempt)
         if step.external:
@@ -242,11 +258,11 @@ def _claimed(
     """
     saga = claim()
     if saga is None:
-        _raise_if(not_due(attempt, _lock(attempt.saga_id)))
+        _raise_if(not_due(attempt, attempt.joined(_lock(attempt.saga_id))))
         saga = claim()
     if saga is None:  # pragma: no cover - the row is locked and due: the claim matches
         raise _Outcome(SagaLog.Status.IGNORED, "lost the claim", continue_chain=False)
-    return saga
+    return attempt.joined(saga)
 
 
 def _external_action(attempt: _Attempt) -> None:
@@ -258,6 +274,7 @@ def _external_action(attempt: _Attempt) -> None:
     )
     if saga is None:
         raise _Outcome(SagaLog.Status.IGNORED, "saga does not exist", continue_chain=False)
+    attempt.joined(saga)
     if attempt.marker is None:
         if outcome := _action_not_due(attempt, saga):
             raise _undo_stranded_effect(attempt, saga, outcome)
@@ -349,12 +366,18 @@ def run_compensation(
     task: Task, definition: SagaDefinition, index: int, saga_id: str, round: int = 1
 ) -> dict:
     attempt = _Attempt(task, definition, index, saga_id, COMPENSATION, timezone.now(), round)
-    step = attempt.step
+    with tracing.attempt(saga_id, attempt.name, COMPENSATION, attempt.number, round) as trace:
+        attempt.trace = trace
+        return _run_compensation(attempt)
+
+
+def _run_compensation(attempt: _Attempt) -> dict:
+    step, saga_id, index = attempt.step, attempt.saga_id, attempt.index
     assert step.compensation is not None
     try:
         _count_lost_delivery(attempt)
         if step.external:
-            saga = _read(saga_id)
+            saga = attempt.joined(_read(saga_id))
             _raise_if(_compensation_not_due(attempt, saga))
             faults.before_compensation(
                 saga, attempt.name, attempt.number, first_delivery=attempt.first_delivery

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
@@ -21,7 +22,7 @@ from django.db.models import BooleanField, Count, ExpressionWrapper, F, Q
 from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
-from sagas import broker, canvas
+from sagas import broker, canvas, tracing
 from sagas.definitions import SagaDefinition, registry
 from sagas.errors import InvalidSagaState, SagaNotFound
 from sagas.models import Saga, SagaLog
@@ -59,33 +60,43 @@ def saga_start(
     """
     definition = registry.get(saga_type)
     lifetime = timedelta(seconds=deadline_s or definition.deadline_s)
-    saga = Saga.objects.create(
-        saga_type=definition.name,
-        business_key=business_key,
-        owner=owner,
-        context=context or {},
-        # The database's clock, like created_at: the sweeper compares it with no other.
-        deadline=Now() + lifetime,
-    )
+    saga_id = uuid.uuid4()
+    # The saga span (sagas.tracing): its traceparent goes in with the row.
+    with tracing.saga_span(
+        saga_id=saga_id, saga_type=definition.name, business_key=business_key
+    ) as traceparent:
+        saga = Saga.objects.create(
+            id=saga_id,
+            saga_type=definition.name,
+            business_key=business_key,
+            owner=owner,
+            context=context or {},
+            # The database's clock, like created_at: the sweeper compares it with no other.
+            deadline=Now() + lifetime,
+            trace_context=traceparent,
+        )
     # The same value the INSERT computed, without reading it back.
     saga.deadline = saga.created_at + lifetime
     # robust: the caller's transaction has committed by then; whatever goes
     # wrong afterwards is the reconciler's to mend, never the caller's error.
     _after_commit(
-        partial(saga_publish, saga_id=saga.id, saga_type=definition.name), "publish the saga"
+        partial(saga_publish, saga_id=saga.id, saga_type=definition.name, traceparent=traceparent),
+        "publish the saga",
     )
     return saga
 
 
-def saga_publish(*, saga_id, saga_type: str) -> bool:
+def saga_publish(*, saga_id, saga_type: str, traceparent: str = "") -> bool:
     """Publish the action chain and mark the saga RUNNING. False if the broker refused.
 
     Never raises: it runs after the saga's transaction committed, so a broker
     or database failure here leaves a PENDING saga for the reconciler.
+    ``traceparent``: the saga span's, so the publish is traced under it.
     """
     try:
         definition = registry.get(saga_type)
-        canvas.action_chain(definition, str(saga_id)).apply_async()
+        with tracing.under_saga(traceparent):
+            canvas.action_chain(definition, str(saga_id)).apply_async()
     except Exception:
         logger.exception("saga %s: publishing failed; the reconciler will retry", saga_id)
         return False
@@ -278,6 +289,9 @@ def saga_begin_compensation(
             failure_reason=reason or detail,
             compensation_deadline=Now() + timedelta(seconds=definition.compensation_deadline_s),
             updated_at=Now(),
+        )
+        _trace_event(
+            "begin compensation", saga, outcome="compensating", reason=reason or detail, undo=undo
         )
         _after_commit(
             partial(_publish_compensation, definition, saga.id, undo, 1), "publish compensation"
@@ -596,6 +610,7 @@ def _end_compensated(saga: Saga, definition: SagaDefinition) -> None:
             "updated_at",
         ]
     )
+    _trace_event("finish compensation", saga, outcome=saga.status.lower())
 
 
 def _mark_failed(saga: Saga, definition: SagaDefinition) -> None:
@@ -694,6 +709,7 @@ def saga_fail_compensation(
             update_fields=["status", "failure_reason", "finished_at", "duration_ms", "updated_at"]
         )
         _mark_failed(saga, definition)
+        _trace_event("fail compensation", saga, outcome="failed", reason=saga.failure_reason)
     return True
 
 
@@ -780,6 +796,13 @@ def saga_log_note(*, saga: Saga, text: str) -> SagaLog:
         status=SagaLog.Status.NOTE,
         error=text,
     )
+
+
+def _trace_event(name: str, saga: Saga, **attributes: Any) -> None:
+    """Mark a saga-level moment in the saga's trace (a span under its saga span); off: nothing."""
+    if tracing.active():
+        with tracing.saga_event(name, saga, **attributes):
+            pass
 
 
 def _log_row(saga: Saga, **fields: Any) -> SagaLog:

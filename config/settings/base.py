@@ -7,6 +7,8 @@ from urllib.parse import urlsplit
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from config.tracing import endpoint_from_env, exporters_from_env, trace_url_template_from_env
+
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
 
@@ -193,13 +195,60 @@ STATIC_URL = "static/"
 # collects them into STATIC_ROOT.
 WHITENOISE_USE_FINDERS = True
 
+
+def log_format_from_env() -> str:
+    raw = os.environ.get("LOG_FORMAT", "").strip()
+    if raw.lower() in ("", "plain"):
+        return "plain"
+    if raw.lower() == "json":
+        return "json"
+    raise ImproperlyConfigured(f"LOG_FORMAT={raw!r} is not a log format: use plain or json")
+
+
+# Every line carries the running saga step's saga_id, step and trace_id
+# (sagas.tracing.SagaLogFilter; blank outside a step). LOG_FORMAT=json writes
+# one JSON object per line with those as fields.
+LOG_FORMAT = log_format_from_env()
+_LOG_FORMATTERS = {
+    "plain": {
+        "()": "sagas.tracing.PlainFormatter",
+        # LEVEL/processName as Celery's own format has it: the chaos harness
+        # finds a worker's last "CRITICAL/" or "ERROR/Main..." line by it.
+        "format": "%(asctime)s %(levelname)s/%(processName)s %(name)s %(message)s",
+    },
+    "json": {
+        "()": "pythonjsonlogger.json.JsonFormatter",
+        "fmt": (
+            "%(asctime)s %(levelname)s %(processName)s %(name)s %(message)s"
+            " %(saga_id)s %(step)s %(trace_id)s"
+        ),
+        "rename_fields": {
+            "asctime": "time",
+            "levelname": "level",
+            "processName": "process",
+            "name": "logger",
+        },
+    },
+}
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"saga": {"()": "sagas.tracing.SagaLogFilter"}},
+    # Only the one in use: dictConfig builds (and imports) every formatter listed.
+    "formatters": {LOG_FORMAT: _LOG_FORMATTERS[LOG_FORMAT]},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["saga"]}
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
 }
+
+# --- Tracing (config/tracing.py; README "Tracing and logs") ---------------------
+# none (the default: no provider, no instrumentation), otlp, console, or "otlp,console".
+OTEL_TRACES_EXPORTER = exporters_from_env()
+OTEL_EXPORTER_OTLP_ENDPOINT = endpoint_from_env()
+OTEL_SERVICE_NAME = os.environ.get("OTEL_SERVICE_NAME", "").strip()
+# The admin links a saga's trace id here, e.g. http://localhost:16686/trace/{trace_id}.
+SAGA_TRACE_URL_TEMPLATE = trace_url_template_from_env()
 
 # --- Celery (DESIGN.md section 3) -------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")
@@ -259,6 +308,9 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "inte
 # is set; reconnecting per task cut DB-writing chains to a third of their rate.
 CELERY_DB_REUSE_MAX = env_int("CELERY_DB_REUSE_MAX", 1000)
 CELERY_TASK_DEFAULT_QUEUE = "sagas"
+# Workers log through LOGGING above (its saga context filter, LOG_FORMAT),
+# not through handlers of Celery's own that replace the root logger's.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Task events (received, started, succeeded) are what Flower shows tasks
 # from, so they stay on; they are the dearest of Celery's per-task machinery
 # (`manage.py bench --hops`, 2 cores: ~0.95 ms of worker CPU per task of 3.6,

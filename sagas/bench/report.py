@@ -286,8 +286,38 @@ def table(report: dict[str, Any]) -> str:
     ]
     if report.get("profile"):
         lines += ["", *profile_lines(report["profile"])]
+    if report.get("tracing"):
+        lines += ["", *tracing_lines(report)]
     lines += ["", *target_lines(report)]
     return "\n".join(lines)
+
+
+def tracing_lines(report: dict[str, Any]) -> list[str]:
+    """``--tracing drop``: the workers' figures with tracing off and on, and SQL per step traced."""
+    cost, sql = report["tracing"], report["tracing"]["sql_per_step"]
+    off, drop = cost["off"], cost["drop"]
+    ratio = cost["ratio_drop_to_off"]
+
+    def lone(figures: dict[str, Any]) -> str:
+        return _ms(figures["lone_latency_ms"], "p50", "p99")
+
+    return [
+        f"tracing: off vs drop (spans made, exported to nowhere); {cost['measured']}",
+        f"{'':<40}{'off':>14}{'drop':>14}{'drop/off':>10}",
+        f"{'  sagas/s (burst)':<40}{off['sagas_per_s']:>14.1f}{drop['sagas_per_s']:>14.1f}"
+        f"{_num(ratio['sagas_per_s'], '.3f'):>10}",
+        f"{'  worker CPU ms per saga':<40}{off['cpu_ms_per_saga']:>14.2f}"
+        f"{drop['cpu_ms_per_saga']:>14.2f}{_num(ratio['cpu_ms_per_saga'], '.3f'):>10}",
+        f"{'  lone saga latency p50 / p99 ms':<40}{lone(off):>14}{lone(drop):>14}"
+        f"{_num(ratio['lone_p50_ms'], '.3f'):>10}",
+        f"{'  bookkeeping statements per step, mean':<40}"
+        f"{_num(report['sql_per_step']['bookkeeping_per_step_mean'], 'g'):>14}"
+        f"{_num(sql['bookkeeping_per_step_mean'], 'g'):>14}",
+        f"{'  SQL per action step: total/bk/domain':<40}"
+        f"{_sql(report['sql_per_step']['action']):>14}{_sql(sql['action']):>16}",
+        f"{'  SQL per compensation: total/bk/domain':<40}"
+        f"{_sql(report['sql_per_step']['compensation']):>14}{_sql(sql['compensation']):>16}",
+    ]
 
 
 def target_lines(report: dict[str, Any]) -> list[str]:

@@ -15,8 +15,10 @@ from typing import Any
 import redis
 from django.utils import timezone
 
+from sagas import tracing
 from sagas.bench import profile as profiling
 from sagas.bench import report as reporting
+from sagas.bench import tracing_cost
 from sagas.bench.sqlcount import count_sql, counting, time_steps
 from sagas.bench.tasks import BENCH_QUEUE, NOOP
 from sagas.bench.throughput import (
@@ -53,6 +55,7 @@ from sagas.models import Saga
 
 Echo = Callable[[str], None]
 STEP_TIMING_SAGAS = 20
+TRACING_OFF = {"OTEL_TRACES_EXPORTER": "none"}
 # Sagas and no-op chains the profiling worker runs before the profiled ones.
 PROFILE_WARMUP = 2
 
@@ -74,6 +77,8 @@ class BenchConfig:
     allow_foreign_workers: bool = False
     keep: bool = False
     profile_sagas: int = 20  # 0: no per-step profile
+    # "drop": also measure the workers with tracing on, spans made and dropped (tracing_cost).
+    tracing: str = "off"
 
     def __post_init__(self) -> None:
         checks = [
@@ -94,6 +99,7 @@ class BenchConfig:
             (1 <= self.concurrency <= 32, "--concurrency must be between 1 and 32"),
             (self.timeout > 0, "--timeout must be a positive number of seconds"),
             (0 <= self.profile_sagas <= 1000, "--profile-sagas must be between 0 and 1000"),
+            (self.tracing in ("off", "drop"), "--tracing must be off or drop"),
         ]
         for ok, message in checks:
             if not ok:
@@ -125,7 +131,18 @@ class BenchConfig:
         per_kind = 2 * (self.warmup + self.sagas + self.lone) + self.half_load_count
         per_kind += self.profile_sagas + PROFILE_WARMUP if self.profile_sagas else 0
         in_process = 3 + 2 * self.timed_sagas  # SQL count, step timing
-        return per_kind + self.failure_count + 1 + in_process
+        traced = 0
+        if self.tracing == "drop":  # the SQL count again, traced, and the tracing rounds
+            traced = 3 + tracing_cost.sagas_needed(burst=self.tracing_burst, lone=self.tracing_lone)
+        return per_kind + self.failure_count + 1 + in_process + traced
+
+    @property
+    def tracing_burst(self) -> int:
+        return max(1, self.sagas // 2)
+
+    @property
+    def tracing_lone(self) -> int:
+        return max(1, self.lone // 2)
 
 
 def _failing_saga_tasks(definition: SagaDefinition) -> tuple[int, int]:
@@ -158,7 +175,7 @@ def _profile(
         concurrency=concurrency,
         queues=queues,
         includes=(*harness.worker_includes, profiling.MODULE),
-        env={profiling.ENV: key},
+        env={profiling.ENV: key, **TRACING_OFF},
     )
     echo(
         f"profile: {count} lone sagas and {count} lone no-op chains on a profiling worker "
@@ -243,8 +260,12 @@ def _run(
 
     queues = (*queues_of(definition), BENCH_QUEUE)
     clear_queues(queues, purge=config.purge)
+    # The figures are tracing's "off", whatever this process's environment says.
     pool = WorkerPool(
-        concurrency=config.concurrency, queues=queues, includes=harness.worker_includes
+        concurrency=config.concurrency,
+        queues=queues,
+        includes=harness.worker_includes,
+        env=TRACING_OFF,
     )
     refuse_foreign_workers(pool.nodename, allow=config.allow_foreign_workers)
 
@@ -402,6 +423,30 @@ def _run(
             echo=echo,
             bare_ids=bare_ids,
         )
+
+    if config.tracing == "drop":
+        echo("counting SQL statements per step again, with tracing on (spans dropped)")
+        provider = tracing.dropping_provider()
+        tracing.activate(provider)
+        try:
+            traced_sql = count_sql(harness, offset=next_offset(3))
+        finally:
+            tracing.deactivate()
+            provider.shutdown()
+        report["tracing"] = tracing_cost.tracing_cost(
+            harness,
+            queues=queues,
+            concurrency=config.concurrency,
+            burst=config.tracing_burst,
+            lone=config.tracing_lone,
+            submitters=config.submitters,
+            timeout=timeout,
+            next_offset=next_offset,
+            echo=echo,
+        )
+        report["tracing"]["sql_per_step"] = {
+            key: traced_sql[key] for key in ("action", "compensation", "bookkeeping_per_step_mean")
+        }
 
     sql["saga_level"]["submit"] = submit_saga.summary()
     sql["saga_level"]["submit_bare"] = submit_bare.summary() if submit_bare else None

@@ -24,6 +24,7 @@ THROUGHPUT_FLAGS = (
     "saga_type",
     "keep",
     "profile_sagas",
+    "tracing",
 )
 
 
@@ -78,6 +79,14 @@ class Command(BaseCommand):
             type=int,
             help="lone sagas and no-op chains profiled step by step on a worker of their own "
             "after the other phases; 0 skips the profile [20]",
+        )
+        parser.add_argument(
+            "--tracing",
+            choices=("off", "drop"),
+            help="drop: after the other phases, run sagas on workers with tracing off and with "
+            "tracing on (OTEL_TRACES_EXPORTER=drop: spans made, thrown away), in turns, and "
+            "print both and their ratio; the SQL count is run again traced. The figures above "
+            "are always tracing off [off]",
         )
         parser.add_argument("--json", metavar="PATH", help="write the report to PATH as JSON")
         parser.add_argument(

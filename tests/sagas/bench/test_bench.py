@@ -55,6 +55,8 @@ TRIP_STEPS = ["reserve_flight", "reserve_hotel", "reserve_car", "charge_payment"
         (["--concurrency", "0"], "--concurrency must be between 1 and 32"),
         (["--timeout", "0"], "--timeout must be a positive number of seconds"),
         (["--profile-sagas", "-1"], "--profile-sagas must be between 0 and 1000"),
+        (["--tracing", "otlp"], "argument --tracing: invalid choice: 'otlp'"),
+        (["--scale", "--tracing", "drop"], "--scale times pages only; it takes no --tracing"),
         (["--hops", "--failures", "3"], "--hops takes no --failures"),
         (["--hops", "--rounds", "0"], "--rounds must be between 1 and 20"),
         (["--runs", "3"], "--runs belongs to --scale"),
@@ -340,6 +342,36 @@ def test_a_tiny_bench_run_writes_every_figure_of_the_report(tmp_path, capsys):
     assert "targets" in out
     # The workers it started are gone.
     assert not current_app.control.ping(destination=[host_format(NODE_NAME)], timeout=0.5)
+
+
+@pytest.mark.saga
+@pytest.mark.timeout(240)
+@pytest.mark.django_db(transaction=True)
+def test_bench_tracing_drop_reports_the_workers_with_tracing_off_and_on(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    call_command(
+        "bench",
+        *("--sagas", "2", "--lone", "2", "--failures", "1", "--skip-half-load"),
+        *("--warmup", "0", "--profile-sagas", "0", "--tracing", "drop", "--json", str(path)),
+        "--allow-foreign-workers",
+        "--purge",
+    )
+
+    report = json.loads(path.read_text())
+    cost = report["tracing"]
+    for variant in ("off", "drop"):
+        assert len(cost[variant]["bursts_per_s"]) == 2, variant  # off drop drop off
+        assert cost[variant]["sagas_per_s"] > 0
+        assert cost[variant]["cpu_ms_per_saga"] > 0
+        assert cost[variant]["lone_latency_ms"]["n"] == 2  # one lone saga per round
+    assert all(isinstance(value, Number) for value in cost["ratio_drop_to_off"].values())
+    # Tracing reads the saga's context from the row the step loads: no statement more.
+    for phase in ("action", "compensation"):
+        assert cost["sql_per_step"][phase] == report["sql_per_step"][phase], phase
+    assert cost["sql_per_step"]["bookkeeping_per_step_mean"] == 2
+    out = capsys.readouterr().out
+    assert "tracing: off vs drop" in out
+    assert "worker CPU ms per saga" in out
 
 
 # --- --hops ----------------------------------------------------------------------------
