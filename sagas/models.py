@@ -86,6 +86,13 @@ class Saga(models.Model):
                 name="saga_type_duration",
                 condition=Q(duration_ms__isnull=False),
             ),
+            # FAILED sagas no operator has settled, newest first (the live page polls
+            # them every second): only those rows, so resolved failures cost nothing.
+            models.Index(
+                fields=["-created_at"],
+                name="saga_awaiting_operator",
+                condition=Q(status="FAILED", resolved_at__isnull=True),
+            ),
         ]
 
     def __str__(self) -> str:
