@@ -105,10 +105,14 @@ def graph_data(saga: Saga, rows: Sequence[SagaLog]) -> dict[str, Any] | None:
 
 def graph_page_context(saga: Saga, rows: Sequence[SagaLog]) -> dict[str, Any]:
     """What ``admin/sagas/saga/graph.html`` needs: the first drawing and where to follow it."""
+    cursor = next_cursor(rows, 0)
     return {
         "graph": graph_data(saga, rows),
         "graph_feed_url": reverse("saga-detail", args=[saga.pk]),
-        "graph_cursor": next_cursor(rows, 0),
+        "graph_cursor": cursor,
+        # Rows past the cursor that the page already lists (in its log): the first
+        # poll sends them again, and the page shows them only if they changed.
+        "graph_seen": " ".join(f"{row.id}:{row.status}" for row in rows if row.id > cursor),
         "graph_follow": not saga.is_terminal,
     }
 
@@ -250,7 +254,16 @@ def transitions(*, owner, after: FleetCursor | None) -> tuple[list[dict[str, Any
             latest = Saga.objects.filter(owner=owner).order_by("-created_at")[:FIRST_EVENTS]
             rows = rows.filter(saga__in=latest)
         batch = list(rows.filter(id__lte=high).order_by("-id")[:FIRST_EVENTS])[::-1]
-        return _events(batch), FleetCursor(high)
+        # Ids just below the newest that are not visible yet may still commit: follow them.
+        recent = list(
+            SagaLog.objects.filter(id__gt=high - MAX_GAPS, id__lte=high).values_list(
+                "id", flat=True
+            )
+        )
+        now = int(time.time())
+        gaps = tuple((gap, now) for gap in _missing(max(high - MAX_GAPS, 0), sorted(recent)))
+        opens = tuple((row.id, now) for row in batch if row.status == LogStatus.STARTED)
+        return _events(batch), FleetCursor(high, gaps, opens)
 
     now = int(time.time())
     old_gaps = dict(after.gaps)

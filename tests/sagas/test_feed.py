@@ -194,14 +194,14 @@ def test_the_live_feed_lists_transitions_in_order_with_what_they_mean(
     assert (str(saga.id), "refund_payment", "failed") in kinds
     assert (str(done.id), "reserve_hotel", "step_done") in kinds
     assert (str(done.id), "confirm_booking", "completed") in kinds
-    assert answer["cursor"] == str(ids[-1])
+    assert feed.FleetCursor.parse(answer["cursor"]).high == ids[-1]
     assert answer["awaiting_operator"]["count"] == 1
     assert answer["awaiting_operator"]["sagas"][0]["id"] == str(saga.id)
     assert "failure_reason" in answer["awaiting_operator"]["sagas"][0]  # staff
 
     again = client_for(operator).get("/api/sagas/live/", {"after": answer["cursor"]}).json()
     assert again["events"] == []
-    assert again["cursor"] == answer["cursor"]
+    assert feed.FleetCursor.parse(again["cursor"]).high == ids[-1]
 
 
 def test_the_live_feed_counts_sagas_in_flight_by_the_step_running_now(
@@ -267,12 +267,14 @@ def test_a_row_that_commits_after_a_newer_one_comes_once_when_it_appears(
 
     answer = live(client, cursor)
     assert [event["id"] for event in answer["events"]] == [newer_id]
-    assert answer["cursor"].startswith(f"{newer_id}~{late_id}.")
+    waiting = feed.FleetCursor.parse(answer["cursor"])
+    assert waiting.high == newer_id
+    assert late_id in dict(waiting.gaps)
 
     log(saga, "reserve_hotel", "action", "succeeded", 0, index=1, id=late_id)
     again = live(client, answer["cursor"])
     assert [event["id"] for event in again["events"]] == [late_id]
-    assert again["cursor"] == str(newer_id)
+    assert late_id not in dict(feed.FleetCursor.parse(again["cursor"]).gaps)
     assert live(client, again["cursor"])["events"] == []
 
 
@@ -464,3 +466,28 @@ def test_every_registered_saga_type_gets_a_graph_from_its_definition(customer):
         assert [step["action"]["name"] for step in graph["steps"]] == definition.action_names
         assert graph["step_now"] == definition.steps[0].name
         assert graph["steps"][0]["action"]["state"] == "running"
+
+
+def test_the_first_poll_follows_rows_just_below_the_newest_that_commit_late(
+    operator, customer, client_for
+):
+    client = client_for(operator)
+    saga = make_saga(customer, Status.RUNNING)
+    first = log(saga, "reserve_flight", "action", "succeeded", 0, index=0)
+    newest = log(saga, "reserve_car", "action", "succeeded", 0, index=2, id=first.id + 2)
+
+    opened = live(client)
+    assert [e["id"] for e in opened["events"]][-1] == newest.id
+
+    late = log(saga, "reserve_hotel", "action", "succeeded", 0, index=1, id=first.id + 1)
+    assert [e["id"] for e in live(client, opened["cursor"])["events"]] == [late.id]
+
+
+def test_the_saga_page_lists_only_rows_it_has_not_shown(admin_client, customer):
+    saga = make_saga(customer, Status.RUNNING)
+    fresh = log(saga, "reserve_flight", "action", "succeeded", 0, index=0)
+
+    page = admin_client.get(f"/admin/sagas/saga/{saga.pk}/change/")
+
+    assert page.context["graph_cursor"] < fresh.id  # held back: it just finished
+    assert f'data-seen="{fresh.id}:succeeded"' in page.text

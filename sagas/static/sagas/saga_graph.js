@@ -116,6 +116,11 @@
     var live = root.querySelector(".saga-live");
     var events = root.querySelector(".saga-events");
     var items = new Map();  // log row id -> its list item (a started row changes later)
+    var known = new Map();  // rows the page listed when it loaded: id -> status
+    (root.dataset.seen || "").split(" ").filter(Boolean).forEach(function (pair) {
+      var parts = pair.split(":");
+      known.set(Number(parts[0]), parts[1]);
+    });
     var cursor = root.dataset.cursor;
     var delay = POLL_MS;
 
@@ -138,6 +143,7 @@
       rows.forEach(function (row) {
         var item = items.get(row.id);
         if (item && item.dataset.status === row.status) return;
+        if (!item && known.get(row.id) === row.status) return;  // in the log already
         if (!item) {
           item = el("li");
           items.set(row.id, item);
