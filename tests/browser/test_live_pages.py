@@ -91,6 +91,7 @@ def test_a_trip_is_watched_from_running_through_compensating_to_compensated(
     )
     assert orders == ["#3 release_flight", "#2 release_hotel", "#1 release_car"]
     assert page.get_attribute("#saga-timeline", "data-live") == "false"
+    assert page.text_content("h2 [data-live-status]") == "COMPENSATED"  # the title follows
     polls = page.get_attribute("#saga-timeline", "data-polls")
     page.wait_for_timeout(1500)
     assert page.get_attribute("#saga-timeline", "data-polls") == polls  # stopped

@@ -127,6 +127,10 @@
     function show(graph, sagaStatus) {
       root.dataset.status = sagaStatus;
       status.textContent = sagaStatus;
+      // The page's title names the status too (the fields below stay as loaded).
+      document.querySelectorAll("[data-live-status]").forEach(function (node) {
+        node.textContent = sagaStatus;
+      });
       if (graph) {
         draw(graphBox, graph);
         now.textContent = graph.step_now ? "now: " + graph.step_now : "";

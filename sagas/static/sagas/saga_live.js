@@ -68,8 +68,9 @@
     }
 
     function drawAwaiting(awaiting) {
-      document.getElementById("live-awaiting-count").textContent =
-        awaiting.count > 1000 ? "1000+" : awaiting.count;
+      var badge = document.getElementById("live-awaiting-count");
+      badge.textContent = awaiting.count > 1000 ? "1000+" : awaiting.count;
+      badge.dataset.count = String(awaiting.count);
       var list = document.getElementById("live-awaiting");
       list.replaceChildren();
       awaiting.sagas.forEach(function (saga) {
