@@ -18,7 +18,6 @@ from payments import selectors as payment_selectors
 from sagas import feed
 from sagas.admin_support import EstimatedCountPaginator, ReadOnlyAdminMixin
 from sagas.models import Saga
-from sagas.selectors import saga_log
 
 
 class BookingLineInline(ReadOnlyAdminMixin, admin.TabularInline):
@@ -112,19 +111,20 @@ class BookingAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 
 def booking_page_context(booking: Booking) -> dict:
-    saga = Saga.objects.filter(pk=booking.saga_id).first() if booking.saga_id else None
-    context: dict = {"booking_saga": saga}
+    """The booking's saga and its graph, why it ended, its holds, charges and refunds."""
+    page = feed.saga_graph_page(booking.saga_id)
+    saga = page.pop("saga")
     if saga is not None:
-        graph = feed.graph_page_context(saga, list(saga_log(saga_id=saga.pk)))
-        context.update(graph, booking_why=why_it_ended(saga, graph["graph"]))
+        page["booking_why"] = why_it_ended(saga, page["graph"])
     references = [line.hold_reference for line in booking.lines.all()]
     holds = inventory_selectors.holds_by_reference(references=references)
-    reference = f"booking:{booking.pk}"
+    charges, refunds = payment_selectors.charges_and_refunds(reference=f"booking:{booking.pk}")
     return {
-        **context,
+        **page,
+        "booking_saga": saga,
         "holds": [holds[ref] for ref in references if ref in holds],
-        "charges": payment_selectors.charges_for_reference(reference=reference),
-        "refunds": payment_selectors.refunds_for_reference(reference=reference),
+        "charges": charges,
+        "refunds": refunds,
     }
 
 

@@ -140,9 +140,9 @@ def span_processor(exporter: str):
         # sys.stdout may be Celery's logging proxy.
         return SimpleSpanProcessor(ConsoleSpanExporter(out=sys.__stdout__, formatter=_one_line))
     if exporter == "drop":
-        from sagas.tracing import DropSpanExporter
+        from sagas.tracing import dropping_processor
 
-        return BatchSpanProcessor(DropSpanExporter())
+        return dropping_processor()
     from django.conf import settings
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -37,24 +37,22 @@ class RefundInfo:
     created_at: datetime
 
 
-def refunds_for_reference(*, reference: str) -> list[RefundInfo]:
-    """The refunds of the charges made for ``reference``, oldest first."""
+def charges_and_refunds(*, reference: str) -> tuple[list[ChargeInfo], list[RefundInfo]]:
+    """The charges made for ``reference`` and their refunds, each oldest first."""
     refunds = (
         Refund.objects.filter(charge__reference=reference)
-        .annotate(charge_key=F("charge__idempotency_key"))
         .order_by("created_at", "id")
-    )
-    return [
-        RefundInfo(
-            idempotency_key=refund.idempotency_key,
-            charge_key=refund.charge_key,
-            amount=refund.amount,
-            currency=refund.currency,
-            gateway_refund_id=refund.gateway_refund_id,
-            created_at=refund.created_at,
+        .values(
+            "idempotency_key",
+            "amount",
+            "currency",
+            "gateway_refund_id",
+            "created_at",
+            charge_key=F("charge__idempotency_key"),
         )
-        for refund in refunds
-    ]
+    )
+    charges = charges_for_reference(reference=reference)
+    return charges, [RefundInfo(**row) for row in refunds]
 
 
 def charge_for_key(*, idempotency_key: str) -> ChargeInfo | None:

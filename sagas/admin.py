@@ -34,10 +34,8 @@ from django_celery_results.models import TaskResult
 from sagas import feed, services
 from sagas.admin_support import EstimatedCountPaginator, ReadOnlyAdminMixin, humanize_ms
 from sagas.definitions import registry
-from sagas.errors import SagaError, UnknownSagaType
-from sagas.graph import step_now
+from sagas.errors import SagaError
 from sagas.models import Saga, SagaLog
-from sagas.selectors import saga_log
 
 # An operator action is a manual, per-saga decision; a bigger batch belongs in
 # a management command, not in one web request.
@@ -581,11 +579,7 @@ class SagaAdmin(admin.ModelAdmin):
 
     @admin.display(description="running now")
     def now_running(self, obj: Saga):
-        try:
-            definition = registry.get(obj.saga_type)
-        except UnknownSagaType:
-            return "\u2014"
-        return step_now(obj, definition) or "\u2014"
+        return feed.step_running(obj) or "\u2014"
 
     @admin.display(description="last step done")
     def last_moved(self, obj: Saga):
@@ -629,13 +623,12 @@ class SagaAdmin(admin.ModelAdmin):
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     def saga_page_context(self, request, saga: Saga) -> dict:
-        rows = list(saga_log(saga_id=saga.pk))
         can_act = (
             saga.status == Saga.Status.FAILED
             and not saga.is_resolved
             and self.has_operate_permission(request)
         )
-        return {**feed.graph_page_context(saga, rows), "saga": saga, "can_act": can_act}
+        return {**feed.graph_page_context(saga), "saga": saga, "can_act": can_act}
 
     # --- the live operations page ---------------------------------------------------
 
@@ -651,7 +644,6 @@ class SagaAdmin(admin.ModelAdmin):
                 f"admin:{self.opts.app_label}_{self.opts.model_name}_change",
                 args=["00000000-0000-0000-0000-000000000000"],
             ),
-            "types": registry.names(),
         }
         request.current_app = self.admin_site.name
         return TemplateResponse(request, "admin/sagas/saga/live.html", context)

@@ -27,6 +27,7 @@ from rest_framework.views import APIView
 from sagas import feed, selectors, services
 from sagas.definitions import registry
 from sagas.errors import SagaNotFound, UnknownSagaType
+from sagas.graph import CELL_STATES
 from sagas.models import Saga, SagaLog
 
 
@@ -259,21 +260,7 @@ class GraphCellSerializer(serializers.Serializer):
     """One node: a step's action or its compensation."""
 
     name = serializers.CharField()
-    state = serializers.ChoiceField(
-        choices=[
-            "running",
-            "retrying",
-            "succeeded",
-            "nothing",
-            "failed",
-            "timed_out",
-            "not_reached",
-            "pending",
-            "undone",
-            "skipped",
-            "idle",
-        ]
-    )
+    state = serializers.ChoiceField(choices=CELL_STATES)
     label = serializers.CharField()
     attempts = serializers.IntegerField()
     retries = serializers.IntegerField()
@@ -393,22 +380,7 @@ class SagaLiveApi(APIView):
             phase = serializers.ChoiceField(choices=SagaLog.Phase.choices)
             status = serializers.ChoiceField(choices=SagaLog.Status.choices)
             attempt = serializers.IntegerField()
-            kind = serializers.ChoiceField(
-                choices=[
-                    "started",
-                    "step_done",
-                    "called_out",
-                    "retrying",
-                    "completed",
-                    "compensating",
-                    "undone",
-                    "compensated",
-                    "failed",
-                    "ignored",
-                    "redelivered",
-                    "operator",
-                ]
-            )
+            kind = serializers.ChoiceField(choices=feed.KINDS)
             at = serializers.DateTimeField()
             duration_ms = serializers.IntegerField()
 

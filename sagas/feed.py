@@ -37,6 +37,7 @@ from sagas.definitions import registry
 from sagas.errors import UnknownSagaType
 from sagas.graph import TimelineCell, saga_timeline, step_now
 from sagas.models import Saga, SagaLog
+from sagas.selectors import saga_log
 
 Status = Saga.Status
 LogStatus = SagaLog.Status
@@ -103,8 +104,15 @@ def graph_data(saga: Saga, rows: Sequence[SagaLog]) -> dict[str, Any] | None:
     }
 
 
-def graph_page_context(saga: Saga, rows: Sequence[SagaLog]) -> dict[str, Any]:
+def saga_graph_page(saga_id) -> dict[str, Any]:
+    """The saga (``saga``, None if there is none) and what ``graph.html`` needs to draw it."""
+    saga = Saga.objects.filter(pk=saga_id).first() if saga_id else None
+    return {"saga": saga, **(graph_page_context(saga) if saga is not None else {})}
+
+
+def graph_page_context(saga: Saga) -> dict[str, Any]:
     """What ``admin/sagas/saga/graph.html`` needs: the first drawing and where to follow it."""
+    rows = list(saga_log(saga_id=saga.pk))
     cursor = next_cursor(rows, 0)
     return {
         "graph": graph_data(saga, rows),
@@ -127,6 +135,30 @@ def _cell_data(cell: TimelineCell | None) -> dict[str, Any] | None:
 
 
 # --- the transitions stream -----------------------------------------------------------
+
+
+# What a log row means for its saga (``_kind``), as the live feed names it.
+KINDS = (
+    "started",
+    "step_done",
+    "called_out",
+    "retrying",
+    "completed",
+    "compensating",
+    "undone",
+    "compensated",
+    "failed",
+    "ignored",
+    "redelivered",
+    "operator",
+)
+
+
+def step_running(saga: Saga) -> str:
+    """The action or compensation running now (``sagas.graph.step_now``); "" when none is,
+    or the saga's type is not declared here."""
+    definition = _definition(saga.saga_type)
+    return step_now(saga, definition) if definition is not None else ""
 
 
 def _definition(saga_type: str):
@@ -336,11 +368,9 @@ def in_flight(sagas: QuerySet[Saga]) -> list[dict[str, Any]]:
         .annotate(n=Count("*"))
     )
     for saga_type, status, steps_done, undo_cursor, n in grouped:
-        definition = _definition(saga_type)
-        probe = Saga(
-            saga_type=saga_type, status=status, steps_done=steps_done, undo_cursor=undo_cursor
+        step = step_running(
+            Saga(saga_type=saga_type, status=status, steps_done=steps_done, undo_cursor=undo_cursor)
         )
-        step = step_now(probe, definition) if definition is not None else ""
         key = (saga_type, status, step)
         counts[key] = counts.get(key, 0) + n
     return [

@@ -36,6 +36,20 @@ Status = Saga.Status
 _NOISE = (LogStatus.DUPLICATE, LogStatus.IGNORED, LogStatus.NOTE)
 _DELIVERIES = (LogStatus.DUPLICATE, LogStatus.IGNORED)
 _EMPTY = ([], {}, "", None)
+# Every state a cell can be in (the docstring above says what each means).
+CELL_STATES = (
+    "running",
+    "retrying",
+    "succeeded",
+    "nothing",
+    "failed",
+    "timed_out",
+    "not_reached",
+    "pending",
+    "undone",
+    "skipped",
+    "idle",
+)
 
 
 @dataclass(frozen=True)

@@ -288,14 +288,30 @@ class DropSpanExporter:
         return True
 
 
-def dropping_provider():
-    """A tracer provider whose batched spans are thrown away (the bench's process side)."""
-    from opentelemetry.sdk.trace import TracerProvider
+def dropping_processor():
+    """A batching span processor whose batches are thrown away (``OTEL_TRACES_EXPORTER=drop``)."""
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    return BatchSpanProcessor(DropSpanExporter())
+
+
+@contextmanager
+def dropping(on: bool = True):
+    """Trace this process's sagas into a provider that drops the spans, while inside (the
+    bench's process side); ``on=False`` changes nothing."""
+    if not on:
+        yield
+        return
+    from opentelemetry.sdk.trace import TracerProvider
+
     provider = TracerProvider()
-    provider.add_span_processor(BatchSpanProcessor(DropSpanExporter()))
-    return provider
+    provider.add_span_processor(dropping_processor())
+    activate(provider)
+    try:
+        yield
+    finally:
+        deactivate()
+        provider.shutdown()
 
 
 # --- logging -------------------------------------------------------------------------

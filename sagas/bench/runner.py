@@ -426,13 +426,8 @@ def _run(
 
     if config.tracing == "drop":
         echo("counting SQL statements per step again, with tracing on (spans dropped)")
-        provider = tracing.dropping_provider()
-        tracing.activate(provider)
-        try:
+        with tracing.dropping():
             traced_sql = count_sql(harness, offset=next_offset(3))
-        finally:
-            tracing.deactivate()
-            provider.shutdown()
         report["tracing"] = tracing_cost.tracing_cost(
             harness,
             queues=queues,

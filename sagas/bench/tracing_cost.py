@@ -55,31 +55,28 @@ def tracing_cost(
             includes=harness.worker_includes,
             env={"OTEL_TRACES_EXPORTER": EXPORTER[variant]},
         )
-        provider = tracing.dropping_provider() if variant == "drop" else None
         echo(
             f"tracing {variant}: {burst} sagas in a burst, then {lone} lone, on a worker with "
             f"OTEL_TRACES_EXPORTER={EXPORTER[variant]} (log {pool.logfile})"
         )
         try:
-            if provider is not None:
-                tracing.activate(provider)
-            pool.start()
-            lone_sagas(saga_job(harness, offset=next_offset(WARMUP)), WARMUP, timeout=timeout)
-            before = pool.cpu_seconds()
-            run = saga_run(
-                saga_job(harness, offset=next_offset(burst)),
-                burst,
-                submitters=submitters,
-                timeout=timeout,
-            )
-            cpu = pool.cpu_seconds() - before
-            alone = lone_sagas(saga_job(harness, offset=next_offset(lone)), lone, timeout=timeout)
+            with tracing.dropping(on=variant == "drop"):
+                pool.start()
+                lone_sagas(saga_job(harness, offset=next_offset(WARMUP)), WARMUP, timeout=timeout)
+                before = pool.cpu_seconds()
+                run = saga_run(
+                    saga_job(harness, offset=next_offset(burst)),
+                    burst,
+                    submitters=submitters,
+                    timeout=timeout,
+                )
+                cpu = pool.cpu_seconds() - before
+                alone = lone_sagas(
+                    saga_job(harness, offset=next_offset(lone)), lone, timeout=timeout
+                )
         except BenchError as exc:
             raise BenchError(f"{exc}\n--- worker log (tail) ---\n{pool.log_tail()}") from None
         finally:
-            tracing.deactivate()
-            if provider is not None:
-                provider.shutdown()
             pool.stop()
             pool.discard_log()
         rounds[variant].append(

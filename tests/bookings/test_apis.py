@@ -5,22 +5,9 @@ import pytest
 
 from bookings.models import Booking
 from sagas.models import Saga
+from tests.functional.support import trip_body
 
 pytestmark = pytest.mark.django_db
-
-
-def trip_body(**changes):
-    body = {
-        "customer": {"name": "Alice Example", "email": "alice@example.com"},
-        "lines": [
-            {"sku": "FL-TEST", "quantity": 1},
-            {"sku": "HT-TEST", "quantity": 1},
-            {"sku": "CR-TEST", "quantity": 1},
-        ],
-        "payment": {"amount": "360.00", "currency": "EUR", "card_token": "tok_ok"},
-    }
-    body.update(changes)
-    return body
 
 
 @pytest.fixture

@@ -13,6 +13,21 @@ from tests.conftest import wait_for
 TRIP_STEPS = ["reserve_flight", "reserve_hotel", "reserve_car", "charge_payment", "confirm_booking"]
 
 
+def trip_body(**changes):
+    """A POST /api/bookings/ body for one flight seat, hotel room and car (trip_items)."""
+    body = {
+        "customer": {"name": "Alice Example", "email": "alice@example.com"},
+        "lines": [
+            {"sku": "FL-TEST", "quantity": 1},
+            {"sku": "HT-TEST", "quantity": 1},
+            {"sku": "CR-TEST", "quantity": 1},
+        ],
+        "payment": {"amount": "360.00", "currency": "EUR", "card_token": "tok_ok"},
+    }
+    body.update(changes)
+    return body
+
+
 def book_trip(user, items, *, chaos=None, card_token="tok_ok", quantity=1) -> Booking:
     lines = [
         booking_services.LineRequest(sku=items[what].sku, quantity=quantity)

@@ -3,18 +3,11 @@
 import pytest
 
 from tests.conftest import wait_for
+from tests.functional.support import trip_body
 
 pytestmark = [pytest.mark.saga, pytest.mark.django_db(transaction=True)]
 
-BODY = {
-    "customer": {"name": "Alice Example", "email": "alice@example.com"},
-    "lines": [
-        {"sku": "FL-TEST", "quantity": 1},
-        {"sku": "HT-TEST", "quantity": 1},
-        {"sku": "CR-TEST", "quantity": 1},
-    ],
-    "payment": {"amount": "360.00", "currency": "EUR", "card_token": "tok_ok"},
-}
+BODY = trip_body()
 
 
 @pytest.fixture(autouse=True)

@@ -45,6 +45,7 @@ from tests.functional.support import (
     park_after,
     reference,
     stock,
+    trip_body,
     wait_terminal,
 )
 from tests.sagas.support import StandInTask, act
@@ -55,15 +56,7 @@ ACTION = SagaLog.Phase.ACTION
 COMPENSATION = SagaLog.Phase.COMPENSATION
 LogStatus = SagaLog.Status
 
-BODY = {
-    "customer": {"name": "Alice Example", "email": "alice@example.com"},
-    "lines": [
-        {"sku": "FL-TEST", "quantity": 1},
-        {"sku": "HT-TEST", "quantity": 1},
-        {"sku": "CR-TEST", "quantity": 1},
-    ],
-    "payment": {"amount": "360.00", "currency": "EUR", "card_token": "tok_ok"},
-}
+BODY = trip_body()
 
 
 @pytest.fixture(autouse=True)

@@ -6,22 +6,13 @@ import pytest
 
 from sagas.models import Saga
 from tests.conftest import wait_for
-from tests.functional.support import wait_terminal
+from tests.functional.support import trip_body, wait_terminal
 from tests.tracing_support import traced
 
 pytestmark = [pytest.mark.saga, pytest.mark.django_db(transaction=True)]
 
-TRIP_BODY = {
-    "customer": {"name": "Alice Example", "email": "alice@example.com"},
-    "lines": [
-        {"sku": "FL-TEST", "quantity": 1},
-        {"sku": "HT-TEST", "quantity": 1},
-        {"sku": "CR-TEST", "quantity": 1},
-    ],
-    "payment": {"amount": "360.00", "currency": "EUR", "card_token": "tok_ok"},
-    # The hotel fails once and heals on its retry; the car fails for good.
-    "chaos": {"transient": {"reserve_hotel": 1}, "fail": ["reserve_car"]},
-}
+# The hotel fails once and heals on its retry; the car fails for good.
+TRIP_BODY = trip_body(chaos={"transient": {"reserve_hotel": 1}, "fail": ["reserve_car"]})
 
 
 @pytest.fixture(autouse=True)

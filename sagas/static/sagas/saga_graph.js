@@ -2,9 +2,8 @@
  *
  * An element with data-saga-graph holds the first answer (a json_script id in
  * data-graph-json) and the feed URL. While the saga runs, the page polls
- * `<feed>?after=<cursor>` every POLL_MS (after the previous answer, never two at
- * once), redraws the graph and lists the new log rows; it stops once the saga
- * has ended. Same origin, session cookie: GETs need no CSRF token.
+ * `<feed>?after=<cursor>` every POLL_MS (live_poll.js), redraws the graph and
+ * lists the new log rows; it stops once the saga has ended.
  */
 (function () {
   "use strict";
@@ -12,12 +11,7 @@
   var POLL_MS = 500;
   var BACKOFF_MAX_MS = 8000;
 
-  function el(tag, className, text) {
-    var node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = text;
-    return node;
-  }
+  var el = window.BacktrackLive.el;
 
   function ms(value) {
     if (value === null || value === undefined) return "";
@@ -61,35 +55,38 @@
     return el("div", "tl-arrow" + (on ? " on" : ""), symbol);
   }
 
+  // One lane of the graph: its label, then for each step an arrow from the
+  // previous one (none before the first) and the node ``node(step)`` draws.
+  function lane(className, label, steps, arrowOf, node) {
+    var row = el("div", "tl-row " + className);
+    row.appendChild(el("div", "tl-lane", label));
+    steps.forEach(function (step, i) {
+      if (i) row.appendChild(arrowOf(step));
+      row.appendChild(node(step, i));
+    });
+    return row;
+  }
+
+  function turn(step) {
+    var spacer = el("div", "tl-spacer tl-turn");
+    if (step.turn) {
+      spacer.appendChild(document.createTextNode("\u2193 "));
+      spacer.appendChild(el("small", "", "undo from here"));
+    }
+    return spacer;
+  }
+
   function draw(container, graph) {
     var frag = document.createDocumentFragment();
-    var actions = el("div", "tl-row tl-actions");
-    actions.appendChild(el("div", "tl-lane", "Actions \u2192"));
-    graph.steps.forEach(function (step, i) {
-      if (i) actions.appendChild(arrow("\u2192", step.flows_right));
-      actions.appendChild(cell(step.action, "action", i + 1));
-    });
-    frag.appendChild(actions);
+    frag.appendChild(lane("tl-actions", "Actions \u2192", graph.steps,
+      function (step) { return arrow("\u2192", step.flows_right); },
+      function (step, i) { return cell(step.action, "action", i + 1); }));
     if (graph.compensating) {
-      var turns = el("div", "tl-row");
-      turns.appendChild(el("div", "tl-lane"));
-      graph.steps.forEach(function (step, i) {
-        if (i) turns.appendChild(arrow("", false));
-        var spacer = el("div", "tl-spacer tl-turn");
-        if (step.turn) {
-          spacer.appendChild(document.createTextNode("\u2193 "));
-          spacer.appendChild(el("small", "", "undo from here"));
-        }
-        turns.appendChild(spacer);
-      });
-      frag.appendChild(turns);
-      var undo = el("div", "tl-row tl-compensations");
-      undo.appendChild(el("div", "tl-lane", "\u2190 Compensations"));
-      graph.steps.forEach(function (step, i) {
-        if (i) undo.appendChild(arrow("\u2190", step.flows_left));
-        undo.appendChild(cell(step.compensation, "compensation", i + 1));
-      });
-      frag.appendChild(undo);
+      frag.appendChild(lane("tl-turns", "", graph.steps,
+        function () { return arrow("", false); }, turn));
+      frag.appendChild(lane("tl-compensations", "\u2190 Compensations", graph.steps,
+        function (step) { return arrow("\u2190", step.flows_left); },
+        function (step, i) { return cell(step.compensation, "compensation", i + 1); }));
     }
     var notes = [];
     if (graph.failing_action) notes.push("Failing step: " + graph.failing_action + ".");
@@ -122,7 +119,6 @@
       known.set(Number(parts[0]), parts[1]);
     });
     var cursor = root.dataset.cursor;
-    var delay = POLL_MS;
 
     function show(graph, sagaStatus) {
       root.dataset.status = sagaStatus;
@@ -161,42 +157,29 @@
       });
     }
 
-    function later(ms) {
-      window.setTimeout(function () { whenVisible(poll); }, ms);
-    }
-
-    function poll() {
-      var url = root.dataset.feedUrl + "?after=" + encodeURIComponent(cursor);
-      fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
-        .then(function (response) {
-          if (response.status >= 400 && response.status < 500 && response.status !== 429) {
-            // Logged out, or the saga is gone: asking again will not help.
-            stop("the feed refused (HTTP " + response.status + "); reload the page");
-            return null;
-          }
-          if (!response.ok) throw new Error("HTTP " + response.status);
-          return response.json();
-        })
-        .then(function (answer) {
-          if (answer === null) return;
-          delay = POLL_MS;
-          cursor = answer.cursor;
-          show(answer.graph, answer.status);
-          append(answer.log);
-          root.dataset.polls = String(Number(root.dataset.polls || 0) + 1);
-          if (answer.graph && answer.graph.terminal) {
-            stop("ended; reload the page for the whole log");
-            return;
-          }
-          note.textContent = "updating live";
-          later(delay);
-        })
-        .catch(function (error) {
-          delay = Math.min(delay * 2, BACKOFF_MAX_MS);
-          note.textContent = "feed unavailable (" + error.message + "); retrying";
-          later(delay);
-        });
-    }
+    var feed = window.BacktrackLive.poll({
+      url: function () { return root.dataset.feedUrl + "?after=" + encodeURIComponent(cursor); },
+      every: POLL_MS,
+      backoffMax: BACKOFF_MAX_MS,
+      answer: function (answer) {
+        cursor = answer.cursor;
+        show(answer.graph, answer.status);
+        append(answer.log);
+        root.dataset.polls = String(Number(root.dataset.polls || 0) + 1);
+        if (answer.graph && answer.graph.terminal) {
+          stop("ended; reload the page for the whole log");
+          return false;
+        }
+        note.textContent = "updating live";
+        return true;
+      },
+      refused: function (status) {
+        stop("the feed refused (HTTP " + status + "); reload the page");
+      },
+      failed: function (error) {
+        note.textContent = "feed unavailable (" + error.message + "); retrying";
+      }
+    });
 
     var first = JSON.parse(document.getElementById(root.dataset.graphJson).textContent);
     show(first, first.status);
@@ -206,18 +189,8 @@
       live.dataset.live = "true";
       root.dataset.live = "true";
       note.textContent = "updating live";
-      later(POLL_MS);
+      feed.start(POLL_MS);
     }
-  }
-
-  // A hidden tab asks nothing; it catches up as soon as it is shown again.
-  function whenVisible(callback) {
-    if (!document.hidden) return callback();
-    document.addEventListener("visibilitychange", function shown() {
-      if (document.hidden) return;
-      document.removeEventListener("visibilitychange", shown);
-      callback();
-    });
   }
 
   window.BacktrackSagaGraph = { draw: draw, follow: follow };

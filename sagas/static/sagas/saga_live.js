@@ -1,5 +1,5 @@
-/* Sagas live: polls GET /api/sagas/live/?after=<cursor> every POLL_MS (after the previous
- * answer) and redraws the fleet: sagas in flight, last-minute rates, FAILED sagas waiting
+/* Sagas live: polls GET /api/sagas/live/?after=<cursor> every POLL_MS (live_poll.js)
+ * and redraws the fleet: sagas in flight, last-minute rates, FAILED sagas waiting
  * for an operator, and the stream of transitions (newest first, each id once). */
 (function () {
   "use strict";
@@ -14,12 +14,7 @@
     redelivered: "redelivered", operator: "operator"
   };
 
-  function el(tag, className, text) {
-    var node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return node;
-  }
+  var el = window.BacktrackLive.el;
 
   function row(cells, numeric) {
     var tr = el("tr");
@@ -37,9 +32,7 @@
 
   function start(root) {
     var seen = new Map();  // event id -> status shown (a started row changes later)
-    var stopped = false;
     var cursor = null;
-    var delay = POLL_MS;
     var note = document.getElementById("live-note");
     var events = document.getElementById("live-events");
 
@@ -102,52 +95,31 @@
       while (events.children.length > MAX_EVENTS) events.removeChild(events.lastChild);
     }
 
-    function poll() {
-      var url = root.dataset.feedUrl + (cursor === null ? "" : "?after=" + encodeURIComponent(cursor));
-      fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
-        .then(function (response) {
-          if (response.status >= 400 && response.status < 500 && response.status !== 429) {
-            stopped = true;  // logged out or not allowed: asking again will not help
-            root.dataset.live = "false";
-            note.textContent = "the feed refused (HTTP " + response.status + "); reload the page";
-            return null;
-          }
-          if (!response.ok) throw new Error("HTTP " + response.status);
-          return response.json();
-        })
-        .then(function (answer) {
-          if (answer === null) return;
-          cursor = answer.cursor;
-          drawInFlight(answer.in_flight);
-          drawRates(answer.rates_per_minute);
-          drawAwaiting(answer.awaiting_operator);
-          addEvents(answer.events);
-          root.dataset.live = "true";
-          root.dataset.polls = String(Number(root.dataset.polls || 0) + 1);
-          note.textContent = "live, updated " + new Date().toLocaleTimeString();
-          delay = POLL_MS;
-        })
-        .catch(function (error) {
-          root.dataset.live = "false";
-          delay = Math.min(delay * 2, BACKOFF_MAX_MS);
-          note.textContent = "feed unavailable (" + error.message + "); retrying";
-        })
-        .finally(function () {
-          if (!stopped) window.setTimeout(function () { whenVisible(poll); }, delay);
-        });
-    }
-
-    poll();
-  }
-
-  // A hidden tab asks nothing; it catches up as soon as it is shown again.
-  function whenVisible(callback) {
-    if (!document.hidden) return callback();
-    document.addEventListener("visibilitychange", function shown() {
-      if (document.hidden) return;
-      document.removeEventListener("visibilitychange", shown);
-      callback();
-    });
+    window.BacktrackLive.poll({
+      url: function () {
+        return root.dataset.feedUrl + (cursor === null ? "" : "?after=" + encodeURIComponent(cursor));
+      },
+      every: POLL_MS,
+      backoffMax: BACKOFF_MAX_MS,
+      answer: function (answer) {
+        cursor = answer.cursor;
+        drawInFlight(answer.in_flight);
+        drawRates(answer.rates_per_minute);
+        drawAwaiting(answer.awaiting_operator);
+        addEvents(answer.events);
+        root.dataset.live = "true";
+        root.dataset.polls = String(Number(root.dataset.polls || 0) + 1);
+        note.textContent = "live, updated " + new Date().toLocaleTimeString();
+      },
+      refused: function (status) {
+        root.dataset.live = "false";
+        note.textContent = "the feed refused (HTTP " + status + "); reload the page";
+      },
+      failed: function (error) {
+        root.dataset.live = "false";
+        note.textContent = "feed unavailable (" + error.message + "); retrying";
+      }
+    }).start(0);
   }
 
   document.addEventListener("DOMContentLoaded", function () {
