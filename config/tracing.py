@@ -31,9 +31,10 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
+
+from config.env import http_url_from_env
 
 EXPORTERS = ("otlp", "console", "drop")
 DEFAULT_OTLP_ENDPOINT = "http://localhost:4318"
@@ -62,22 +63,10 @@ def exporters_from_env(environ: Mapping[str, str] = os.environ) -> tuple[str, ..
 
 def endpoint_from_env(environ: Mapping[str, str] = os.environ) -> str:
     """``OTEL_EXPORTER_OTLP_ENDPOINT``: the collector's base URL (``/v1/traces`` is added)."""
-    raw = environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    if not raw:
-        return DEFAULT_OTLP_ENDPOINT
-    parts = urlsplit(raw)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ImproperlyConfigured(
-            f"OTEL_EXPORTER_OTLP_ENDPOINT={raw!r} is not an http(s) URL: the OTLP/HTTP "
-            "collector's base URL, e.g. http://jaeger:4318"
-        )
-    try:
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        raise ImproperlyConfigured(
-            f"OTEL_EXPORTER_OTLP_ENDPOINT={raw!r} has a port that is not a number"
-        ) from None
-    return raw.rstrip("/")
+    return (
+        http_url_from_env("OTEL_EXPORTER_OTLP_ENDPOINT", environ, example="http://jaeger:4318")
+        or DEFAULT_OTLP_ENDPOINT
+    )
 
 
 def trace_url_template_from_env(environ: Mapping[str, str] = os.environ) -> str:

@@ -2,11 +2,11 @@
 
 import os
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from config.env import http_url_from_env
 from config.tracing import endpoint_from_env, exporters_from_env, trace_url_template_from_env
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
@@ -41,19 +41,6 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
 
 def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
-
-
-def env_http_url(name: str) -> str:
-    """An http(s) URL with a host, without its trailing slash; empty when unset."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return ""
-    parts = urlsplit(raw)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise ImproperlyConfigured(
-            f"{name}={raw!r} is not an http(s) URL with a host, e.g. http://localhost:5555"
-        )
-    return raw.rstrip("/")
 
 
 def postgres_session_options() -> dict:
@@ -478,7 +465,7 @@ SPECTACULAR_SETTINGS = {
 # Where operators reach Flower (make run sets http://127.0.0.1:5555): the
 # admin links each saga log row to its task there, <FLOWER_URL>/task/<task id>.
 # Unset, no links. Flower lists only the tasks it saw events of while running.
-FLOWER_URL = env_http_url("FLOWER_URL")
+FLOWER_URL = http_url_from_env("FLOWER_URL", example="http://localhost:5555")
 
 # --- Metrics ----------------------------------------------------------------
 # GET /metrics (sagas/metrics.py) answers staff users and, when this is set,
