@@ -284,12 +284,36 @@ def table(report: dict[str, Any]) -> str:
         f"{_steps(report.get('in_process_step_ms')):>26}",
         f"{'worker RSS MB (main + children)':<44}{report['worker_rss_mb']:>26.1f}",
     ]
+    lines += cpu_lines(report.get("burst_cpu"))
     if report.get("profile"):
         lines += ["", *profile_lines(report["profile"])]
     if report.get("tracing"):
         lines += ["", *tracing_lines(report)]
     lines += ["", *target_lines(report)]
     return "\n".join(lines)
+
+
+CPU_KINDS = {"sagas": "sagas", "bare_chains": "bare chains", "noop_chains": "no-op chains"}
+
+
+def cpu_lines(burst_cpu: dict[str, Any] | None) -> list[str]:
+    """Cores in use during each kind of burst, split by process, and the idle share."""
+    measured = {kind: cpu for kind, cpu in (burst_cpu or {}).items() if cpu}
+    if not measured:
+        return []
+    cores = next(iter(measured.values()))["cores"]
+    lines = [
+        "",
+        f"CPU during the bursts, cores busy of {cores} = worker main + pool processes + the rest "
+        "(database, broker, this process):",
+    ]
+    for kind, cpu in measured.items():
+        lines.append(
+            f"  {CPU_KINDS.get(kind, kind):<14}{cpu['busy_cores']:>5.2f} = "
+            f"{cpu['worker_main_cores']:.2f} + {cpu['worker_pool_cores']:.2f} + "
+            f"{cpu['rest_cores']:.2f}; idle {cpu['idle_share']:.0%}"
+        )
+    return lines
 
 
 def tracing_lines(report: dict[str, Any]) -> list[str]:

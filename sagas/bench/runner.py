@@ -19,6 +19,7 @@ from sagas import tracing
 from sagas.bench import profile as profiling
 from sagas.bench import report as reporting
 from sagas.bench import tracing_cost
+from sagas.bench.cpu import CpuMeter
 from sagas.bench.sqlcount import count_sql, counting, time_steps
 from sagas.bench.tasks import BENCH_QUEUE, NOOP
 from sagas.bench.throughput import (
@@ -58,6 +59,8 @@ STEP_TIMING_SAGAS = 20
 TRACING_OFF = {"OTEL_TRACES_EXPORTER": "none"}
 # Sagas and no-op chains the profiling worker runs before the profiled ones.
 PROFILE_WARMUP = 2
+# The bursts whose CPU the report breaks down (sagas.bench.cpu).
+BURST_KINDS = ("sagas", "bare_chains", "noop_chains")
 
 
 @dataclass(frozen=True)
@@ -285,6 +288,15 @@ def _run(
     echo(f"starting the worker: {config.concurrency} prefork processes, log {pool.logfile}")
     try:
         pool.start()
+        meters = {kind: CpuMeter(pool.process.pid) for kind in BURST_KINDS}
+
+        def metered(kind: str, burst: Callable[[], Run]) -> Run:
+            meters[kind].start(time.monotonic())
+            try:
+                return burst()
+            finally:
+                meters[kind].stop(time.monotonic())
+
         # One of each, counting what submitting costs (the publish included).
         with counting() as submit_saga:
             first_saga = saga_job(harness, offset=next_offset(1))(0)
@@ -326,22 +338,28 @@ def _run(
                         f"burst: {size} {definition.name} sagas "
                         f"from {config.submitters} submitter threads"
                     )
-                    run = saga_run(
-                        saga_job(harness, offset=next_offset(size)),
-                        size,
-                        submitters=config.submitters,
-                        timeout=timeout,
+                    run = metered(
+                        "sagas",
+                        lambda size=size: saga_run(
+                            saga_job(harness, offset=next_offset(size)),
+                            size,
+                            submitters=config.submitters,
+                            timeout=timeout,
+                        ),
                     )
                     saga_bursts.append(run)
                     echo(f"  {run.per_s:.1f} sagas/s")
                 else:
                     echo(f"burst: {size} bare chains")
                     run = bare(
-                        bare_run(
-                            bare_job(harness, offset=next_offset(size)),
-                            size,
-                            submitters=config.submitters,
-                            timeout=timeout,
+                        metered(
+                            "bare_chains",
+                            lambda size=size: bare_run(
+                                bare_job(harness, offset=next_offset(size)),
+                                size,
+                                submitters=config.submitters,
+                                timeout=timeout,
+                            ),
                         )
                     )
                     bare_bursts.append(run)
@@ -351,8 +369,14 @@ def _run(
         steps = len(definition.steps)
         echo(f"burst: {config.sagas} chains of {steps} no-op tasks (Celery's own floor)")
         noop_burst = bare(
-            bare_run(
-                noop_job(definition), config.sagas, submitters=config.submitters, timeout=timeout
+            metered(
+                "noop_chains",
+                lambda: bare_run(
+                    noop_job(definition),
+                    config.sagas,
+                    submitters=config.submitters,
+                    timeout=timeout,
+                ),
             )
         )
         echo(f"  {noop_burst.per_s:.1f} no-op chains/s")
@@ -481,6 +505,7 @@ def _run(
             },
             "sql_per_step": sql,
             "in_process_step_ms": in_process,
+            "burst_cpu": {kind: meter.as_dict() for kind, meter in meters.items()},
             "worker_rss_mb": rss["total"],
             "worker_rss": rss,
         }

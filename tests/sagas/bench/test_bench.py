@@ -337,8 +337,18 @@ def test_a_tiny_bench_run_writes_every_figure_of_the_report(tmp_path, capsys):
         assert row["total"] > 0
         assert row["wire_bytes"] > 0
     assert profile["per_saga"]["sql_bookkeeping"] > 0
+    # Where the CPU went in each kind of burst: the worker's share is part of the busy cores.
+    for kind in ("sagas", "bare_chains", "noop_chains"):
+        cpu = report["burst_cpu"][kind]
+        assert cpu["cores"] == machine["cores"], kind
+        assert cpu["seconds"] > 0, kind
+        assert cpu["worker_pool_cores"] > 0, kind  # the pool ran the burst's tasks
+        parts = cpu["worker_main_cores"] + cpu["worker_pool_cores"] + cpu["rest_cores"]
+        assert parts == pytest.approx(cpu["busy_cores"], abs=0.05), kind
+        assert 0 <= cpu["idle_share"] <= 1, kind
     out = capsys.readouterr().out
     assert "per-step profile, ms" in out
+    assert "CPU during the bursts" in out
     assert "targets" in out
     # The workers it started are gone.
     assert not current_app.control.ping(destination=[host_format(NODE_NAME)], timeout=0.5)
