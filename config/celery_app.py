@@ -13,6 +13,7 @@ from celery.signals import (
 )
 
 from config.tracing import configure_tracing, shutdown_tracing
+from sagas.events import BatchedTaskEvents
 from sagas.leases import MessageLeases
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
@@ -48,6 +49,8 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 # Live workers renew their lease on the messages they hold (see sagas.broker).
 app.steps["consumer"].add(MessageLeases)
+# Task events go out in batches, not one Redis round trip each (see sagas.events).
+app.steps["consumer"].add(BatchedTaskEvents)
 
 
 @task_prerun.connect

@@ -305,6 +305,11 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # them off; the worker commands pass no -E, so this setting decides. (Flower,
 # where it runs, turns them on again every 5 s: its enable_events default.)
 CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_WORKER_SEND_TASK_EVENTS", True)
+# ... but published in batches (sagas.events): one PUBLISH per interval, or per
+# batch once it is full, instead of one per event, three per task. Monitors see
+# an event at most this late; 0 keeps Celery's flush on every loop turn.
+SAGA_TASK_EVENTS_FLUSH_MS = env_int("SAGA_TASK_EVENTS_FLUSH_MS", 100)
+SAGA_TASK_EVENTS_BATCH = env_int("SAGA_TASK_EVENTS_BATCH", 100, minimum=1)
 # No "task-sent" events: each would be one more publish on every chain hop,
 # and Flower follows tasks from the worker's events (received, succeeded).
 CELERY_TASK_SEND_SENT_EVENT = False
