@@ -94,12 +94,14 @@ def worker_argv(
     events: bool = False,
     loglevel: str = "WARNING",
     gossip: bool = False,
+    prefetch: int | None = None,
 ) -> list[str]:
     """The Procfile's worker (prefork) for a harness: no gossip or mingle, warnings only.
 
     ``python -m config.worker`` takes ``celery -A config worker``'s options and
     imports less (see config/worker.py), as production workers do. ``gossip``
-    and ``loglevel`` let the bench measure what they cost.
+    and ``loglevel`` let the bench measure what they cost; ``prefetch`` overrides
+    the prefetch multiplier of the settings (``bench --pipeline``).
     """
     return [
         *(sys.executable, "-m", "config.worker", "-P", "prefork", "-c", str(concurrency)),
@@ -108,6 +110,7 @@ def worker_argv(
         *(("--include", ",".join(includes)) if includes else ()),
         *(() if gossip else ("--without-gossip", "--without-mingle")),
         *("--loglevel", loglevel),
+        *(("--prefetch-multiplier", str(prefetch)) if prefetch is not None else ()),
     ]
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 
 from sagas.bench.hops import HopsConfig, hops_table, run_hops
+from sagas.bench.pipeline import PipelineConfig, pipeline_table, run_pipeline
 from sagas.bench.report import table
 from sagas.bench.runner import BenchConfig, run_bench
 from sagas.bench.scale import ScaleConfig, run_scale, scale_table
@@ -26,6 +27,16 @@ THROUGHPUT_FLAGS = (
     "profile_sagas",
     "tracing",
 )
+
+
+# The flags --hops and --pipeline take, and the config field each sets.
+_SHARED = ("rounds", "saga_type", "submitters", "concurrency", "timeout", "purge")
+HOPS_FLAGS = {
+    "sagas": "chains",
+    "lone": "lone",
+    **{name: name for name in (*_SHARED, "allow_foreign_workers")},
+}
+PIPELINE_FLAGS = {name: name for name in ("sagas", *_SHARED, "allow_foreign_workers", "keep")}
 
 
 def _given(value) -> bool:
@@ -102,6 +113,15 @@ class Command(BaseCommand):
             "takes --sagas (chains per burst) [300], --lone [30], --rounds [2], --saga-type, "
             "--submitters, --concurrency, --timeout, --purge, --allow-foreign-workers",
         )
+        parser.add_argument(
+            "--pipeline",
+            action="store_true",
+            help="measure what bounds the throughput instead: sagas, bare chains and no-op "
+            "chains in bursts on a worker restarted per variant of its pipeline (a pool process "
+            "more, prefetch 2, no task events), as ratios to the production worker's; takes "
+            "--sagas (per burst) [200], --rounds [2], --saga-type, --submitters, --concurrency, "
+            "--timeout, --purge, --allow-foreign-workers, --keep",
+        )
         parser.add_argument("--runs", type=int, help="--scale: timed requests per page [5]")
         parser.add_argument(
             "--stalled",
@@ -113,8 +133,14 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         path = self._json_path(options["json"])
         try:
-            if options["hops"]:
-                config = HopsConfig(**self._hops_options(options))
+            if options["hops"] and options["pipeline"]:
+                raise CommandError("--hops and --pipeline are two different runs: pick one")
+            if options["pipeline"]:
+                config = PipelineConfig(**self._mode_options(options, "pipeline", PIPELINE_FLAGS))
+                report = run_pipeline(config, self._echo)
+                text = pipeline_table(report)
+            elif options["hops"]:
+                config = HopsConfig(**self._mode_options(options, "hops", HOPS_FLAGS))
                 report = run_hops(config, self._echo)
                 text = hops_table(report)
             elif options["scale"]:
@@ -145,18 +171,8 @@ class Command(BaseCommand):
             path.write_text(json.dumps(report, indent=2, default=str) + "\n")
             self.stdout.write(f"\nreport written to {path}")
 
-    def _hops_options(self, options):
-        allowed = {
-            "sagas": "chains",
-            "lone": "lone",
-            "rounds": "rounds",
-            "saga_type": "saga_type",
-            "submitters": "submitters",
-            "concurrency": "concurrency",
-            "timeout": "timeout",
-            "purge": "purge",
-            "allow_foreign_workers": "allow_foreign_workers",
-        }
+    def _mode_options(self, options, mode: str, allowed: dict[str, str]):
+        """The config of ``--<mode>`` from the flags it takes; any other flag given is refused."""
         others = [
             flag
             for flag in (*THROUGHPUT_FLAGS, "runs", "stalled", "scale")
@@ -164,7 +180,7 @@ class Command(BaseCommand):
         ]
         if others:
             flags = ", ".join(f"--{flag.replace('_', '-')}" for flag in others)
-            raise CommandError(f"--hops takes no {flags}")
+            raise CommandError(f"--{mode} takes no {flags}")
         return {allowed[name]: options[name] for name in allowed if _given(options[name])}
 
     def _given(self, options, *names):

@@ -16,6 +16,7 @@ from django.db import connection
 from django.db.models import Count
 
 from sagas.bench import hops as hops_module
+from sagas.bench.pipeline import VARIANTS
 from sagas.bench.profile import hops, profile_summary
 from sagas.bench.report import TARGETS, judge, target_lines
 from sagas.bench.sqlcount import (
@@ -59,6 +60,10 @@ TRIP_STEPS = ["reserve_flight", "reserve_hotel", "reserve_car", "charge_payment"
         (["--scale", "--tracing", "drop"], "--scale times pages only; it takes no --tracing"),
         (["--hops", "--failures", "3"], "--hops takes no --failures"),
         (["--hops", "--rounds", "0"], "--rounds must be between 1 and 20"),
+        (["--pipeline", "--lone", "3"], "--pipeline takes no --lone"),
+        (["--pipeline", "--profile-sagas", "2"], "--pipeline takes no --profile-sagas"),
+        (["--pipeline", "--rounds", "21"], "--rounds must be between 1 and 20"),
+        (["--pipeline", "--hops"], "--hops and --pipeline are two different runs: pick one"),
         (["--runs", "3"], "--runs belongs to --scale"),
         (["--scale", "--sagas", "5"], "--scale times pages only; it takes no --sagas"),
         (["--scale", "--runs", "0"], "--runs must be between 1 and 100"),
@@ -351,6 +356,46 @@ def test_a_tiny_bench_run_writes_every_figure_of_the_report(tmp_path, capsys):
     assert "CPU during the bursts" in out
     assert "targets" in out
     # The workers it started are gone.
+    assert not current_app.control.ping(destination=[host_format(NODE_NAME)], timeout=0.5)
+
+
+@pytest.mark.saga
+@pytest.mark.timeout(240)
+@pytest.mark.django_db(transaction=True)
+def test_bench_pipeline_compares_worker_pipelines_with_the_production_worker(tmp_path, capsys):
+    path = tmp_path / "pipeline.json"
+    sagas_before = Saga.objects.count()
+    call_command(
+        "bench",
+        *("--pipeline", "--sagas", "3", "--rounds", "1", "--json", str(path)),
+        "--allow-foreign-workers",
+        "--purge",
+    )
+    report = json.loads(path.read_text())
+    results = report["results"]
+    assert set(results) == set(report["variants"]) == {variant.name for variant in VARIANTS}
+    assert results["production"]["sagas_per_s_ratio"] == 1.0
+    assert results["production"]["pool_processes"] == 2
+    assert results["one more process"]["pool_processes"] == 3
+    for name, result in results.items():
+        for key in ("sagas_per_s", "bare_chains_per_s", "noop_chains_per_s", "rss_mb"):
+            assert isinstance(result[key], Number), (name, key)
+            assert result[key] > 0, (name, key)
+        assert result["saga_to_bare"] == round(
+            result["sagas_per_s"] / result["bare_chains_per_s"], 3
+        ), name
+        assert set(result["targets"]) == {
+            "sagas_per_s >= 40",
+            "sagas_per_s >= 0.55 x no-op",
+            "saga / bare >= 0.92",
+            "worker RSS <= 250 MB",
+        }
+        assert 0 <= result["idle_share"]["sagas"] <= 1, name
+    out = capsys.readouterr().out
+    assert "events unbatched" in out
+    assert "targets met" in out
+    # What it created is gone, and so are its workers.
+    assert Saga.objects.count() == sagas_before
     assert not current_app.control.ping(destination=[host_format(NODE_NAME)], timeout=0.5)
 
 
