@@ -57,9 +57,25 @@ class TestClaims:
             claimed = barrier.claim_action(saga.pk, index=0, step="reserve_flight", last=False)
 
         assert len(queries) == 1  # one conditional UPDATE ... RETURNING
-        assert (claimed.pk, claimed.status, claimed.steps_done) == (saga.pk, Status.RUNNING, 1)
-        assert claimed.current_step == "reserve_flight"
-        assert claimed.context == saga.context  # what the step reads, converted like a query's
+        with CaptureQueriesContext(connection) as reads:
+            # What the wrapper, fault plans, tracing and steps read comes with the claim.
+            assert (claimed.pk, claimed.status, claimed.steps_done) == (saga.pk, Status.RUNNING, 1)
+            assert claimed.context == saga.context  # converted like a query's
+            assert (claimed.saga_type, claimed.business_key) == (saga.saga_type, saga.business_key)
+            assert (claimed.undo_cursor, claimed.round, claimed.trace_context) == (
+                saga.undo_cursor,
+                saga.round,
+                saga.trace_context,
+            )
+        assert len(reads) == 0
+        # The rest is deferred: loaded on first access, as the row is now.
+        assert (
+            claimed.get_deferred_fields()
+            == {f.attname for f in Saga._meta.concrete_fields} - barrier.CLAIMED_FIELDS
+        )
+        with CaptureQueriesContext(connection) as reads:
+            assert claimed.current_step == "reserve_flight"
+        assert len(reads) == 1
         assert claimed.started_at is not None
         assert claimed.finished_at is None
         saga.refresh_from_db()
