@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 
 from bookings.errors import (
     BookingNotCancellable,
@@ -298,8 +299,28 @@ def _validate_chaos(saga_type: str, chaos: dict[str, Any]) -> None:
 
 
 def booking_move(*, booking_id, source: str, target: str) -> bool:
-    """Conditional status change; False if the booking was not in ``source``."""
-    return bool(Booking.objects.filter(pk=booking_id, status=source).update(status=target))
+    """Conditional status change; False if the booking was not in ``source``.
+
+    One UPDATE, its SQL built once (a trip's last step runs it: compiling the
+    ORM's update took longer than running it).
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _move_sql(connection.vendor),
+            [target, Booking._meta.pk.get_db_prep_value(booking_id, connection), source],
+        )
+        return cursor.rowcount == 1
+
+
+@functools.lru_cache(maxsize=4)
+def _move_sql(vendor: str) -> str:
+    quote = connection.ops.quote_name
+    status, pk = (quote(Booking._meta.get_field(name).column) for name in ("status", "id"))
+    # Names come from the model; every value is a parameter.
+    return (
+        f"UPDATE {quote(Booking._meta.db_table)} SET {status} = %s "  # noqa: S608
+        f"WHERE {pk} = %s AND {status} = %s"
+    )
 
 
 def booking_settle(*, booking_id, sources: tuple[str, ...], target: str) -> None:

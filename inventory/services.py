@@ -5,9 +5,10 @@ The hold services take many references at once (``holds_place``,
 same for one reference) and do one thing per statement: the holds change state
 in one conditional ``UPDATE ... WHERE status = <expected> RETURNING`` (or, to
 place them, ``INSERT ... ON CONFLICT DO NOTHING RETURNING``), then each item's
-counters move in one conditional UPDATE with F() expressions. Nothing is read
-before it is written; only a reference the write did not return costs a read,
-to tell why (held before, already moved, missing).
+counters move in one conditional UPDATE (``counter = counter + delta``). The
+statements are SQL built once, not ORM queries compiled on every call. Nothing
+is read before it is written; only a reference the write did not return costs
+a read, to tell why (held before, already moved, missing).
 
 Concurrency. On PostgreSQL a concurrent UPDATE of the same row waits and then
 re-evaluates its WHERE clause against the committed row, and a concurrent
@@ -36,7 +37,6 @@ from decimal import Decimal
 from typing import ParamSpec, TypeVar
 
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F
 from django.utils import timezone
 
 from inventory.errors import (
@@ -363,7 +363,8 @@ def holds_reinstate(*, references: Sequence[str]) -> list[Hold]:
 
 # --- the statements ----------------------------------------------------------------
 
-_HOLD_COLUMNS = "id, item_id, quantity, reference, status, created_at, updated_at"
+_HOLD_FIELDS = ("id", "item_id", "quantity", "reference", "status", "created_at", "updated_at")
+_HOLD_COLUMNS = ", ".join(_HOLD_FIELDS)  # the columns are named as the fields
 _INSERTED = "item_id, quantity, reference, status, created_at, updated_at"
 
 
@@ -401,9 +402,35 @@ def _holds_update(references: Sequence[str], *, source: str, target: str, now) -
 
 
 def _holds_returned(sql: str, params: list) -> list[Hold]:
-    # raw() turns the RETURNING rows into Holds with the backend's converters;
-    # list() runs the statement exactly once.
-    return list(Hold.objects.raw(sql, params))
+    """Run ``sql`` (its rows: ``_HOLD_COLUMNS``) and make Holds of them, converted as a
+    query's rows are (SQLite's timestamps come back as text). Without ``raw()``'s
+    per-call column mapping, which cost a fifth of the statement."""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    converters = _hold_converters(connection.vendor)
+    holds = []
+    for row in rows:
+        values = list(row)
+        for at, column, functions in converters:
+            for convert in functions:
+                values[at] = convert(values[at], column, connection)
+        holds.append(Hold.from_db(connection.alias, _HOLD_FIELDS, values))
+    return holds
+
+
+@functools.lru_cache(maxsize=4)
+def _hold_converters(vendor: str) -> list[tuple[int, object, list]]:
+    """Per column of ``_HOLD_COLUMNS`` that needs it: its index, column and converters."""
+    table = Hold._meta.db_table
+    converters = []
+    for at, name in enumerate(_HOLD_FIELDS):
+        field = Hold._meta.get_field(name)
+        column = field.get_col(table)
+        functions = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
+        if functions:
+            converters.append((at, column, functions))
+    return converters
 
 
 def _holds_delete(holds: list[Hold]) -> None:
@@ -470,16 +497,44 @@ def _counters_shift(shifts: dict[int, dict[str, int]], *, now) -> None:
         if not deltas:
             continue
         needed = -deltas.get("available", 0)
-        guard = {"available__gte": needed} if needed > 0 else {}
-        changes = {name: F(name) + delta for name, delta in deltas.items()}
-        if Item.objects.filter(pk=item_id, **guard).update(**changes, updated_at=now):
+        if _shift(item_id, deltas, now=now, needed=needed if needed > 0 else None):
             done.append(item_id)
             continue
         item = Item.objects.filter(pk=item_id).values("sku", "available").get()
         for undone in done:
-            back = {name: F(name) - delta for name, delta in shifts[undone].items() if delta}
-            Item.objects.filter(pk=undone).update(**back, updated_at=now)
+            _shift(
+                undone, {name: -delta for name, delta in shifts[undone].items() if delta}, now=now
+            )
         raise OutOfStock(item["sku"], needed, item["available"])
+
+
+def _shift(item_id: int, deltas: dict[str, int], *, now, needed: int | None = None) -> bool:
+    """Add ``deltas`` to the item's counters if it has ``needed`` units available; whether it did.
+
+    One UPDATE, its SQL built once per set of counters: the ORM's compiling
+    of the same statement took longer than running it.
+    """
+    names = tuple(sorted(deltas))
+    params = [*(deltas[name] for name in names), now, item_id]
+    if needed is not None:
+        params.append(needed)
+    with connection.cursor() as cursor:
+        cursor.execute(_shift_sql(connection.vendor, names, needed is not None), params)
+        return cursor.rowcount == 1
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_sql(vendor: str, names: tuple[str, ...], guarded: bool) -> str:
+    def column(name: str) -> str:
+        return connection.ops.quote_name(Item._meta.get_field(name).column)
+
+    moves = ", ".join(f"{column(name)} = {column(name)} + %s" for name in names)
+    guard = f" AND {column('available')} >= %s" if guarded else ""
+    # Names come from the model; every value is a parameter.
+    return (
+        f"UPDATE {_table(Item)} SET {moves}, {column('updated_at')} = %s "  # noqa: S608
+        f"WHERE {column('id')} = %s{guard}"
+    )
 
 
 def _shifts(holds: Iterable[Hold], **signs: int) -> defaultdict[int, defaultdict[str, int]]:
