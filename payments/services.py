@@ -7,11 +7,22 @@ decides whether to retry (``GatewayError.retryable``).
 
 from __future__ import annotations
 
+import functools
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Case, CharField, F, OuterRef, QuerySet, Subquery, Value, When
+from django.db import IntegrityError, connection, transaction
+from django.db.models import (
+    Case,
+    CharField,
+    F,
+    Model,
+    OuterRef,
+    QuerySet,
+    Subquery,
+    Value,
+    When,
+)
 from django.db.models.functions import Cast, Concat, Round
 from django.utils import timezone
 
@@ -319,19 +330,23 @@ def _charge_record(*, gateway_charge: GatewayCharge) -> Charge:
     """
     try:
         with transaction.atomic():
-            charge = Charge.objects.create(
-                idempotency_key=gateway_charge.idempotency_key,
-                reference=gateway_charge.reference,
-                amount=gateway_charge.amount,
-                currency=gateway_charge.currency,
-                gateway_charge_id=gateway_charge.id,
+            charge = _inserted(
+                Charge(
+                    idempotency_key=gateway_charge.idempotency_key,
+                    reference=gateway_charge.reference,
+                    amount=gateway_charge.amount,
+                    currency=gateway_charge.currency,
+                    gateway_charge_id=gateway_charge.id,
+                )
             )
-            LedgerEntry.objects.create(
-                entry_type=EntryType.CHARGE,
-                amount=charge.amount,
-                currency=charge.currency,
-                charge=charge,
-                reference=charge.reference,
+            _inserted(
+                LedgerEntry(
+                    entry_type=EntryType.CHARGE,
+                    amount=charge.amount,
+                    currency=charge.currency,
+                    charge=charge,
+                    reference=charge.reference,
+                )
             )
     except IntegrityError:
         # The same key was recorded concurrently; the gateway gave both
@@ -341,6 +356,34 @@ def _charge_record(*, gateway_charge: GatewayCharge) -> Charge:
             raise
         return existing
     return charge
+
+
+def _inserted(row: Model) -> Model:
+    """``row`` inserted as ``row.save()`` would (defaults, ``auto_now``), as one
+    ``INSERT ... RETURNING id`` without the machinery around it (no model signals are
+    used here): compiling the ORM's insert took about as long as running it, and a
+    charge's two rows are on every trip's path."""
+    model = type(row)
+    fields = [field for field in model._meta.concrete_fields if not field.primary_key]
+    values = [field.get_db_prep_save(field.pre_save(row, add=True), connection) for field in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(_insert_sql(connection.vendor, model), values)
+        row.pk = cursor.fetchone()[0]
+    row._state.adding = False
+    row._state.db = connection.alias
+    return row
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_sql(vendor: str, model: type[Model]) -> str:
+    quote = connection.ops.quote_name
+    fields = [field for field in model._meta.concrete_fields if not field.primary_key]
+    columns = ", ".join(quote(field.column) for field in fields)
+    # Names come from the model; every value is a parameter.
+    return (
+        f"INSERT INTO {quote(model._meta.db_table)} ({columns}) "  # noqa: S608
+        f"VALUES ({', '.join(['%s'] * len(fields))}) RETURNING {quote(model._meta.pk.column)}"
+    )
 
 
 def gateway_brownout(*, lost_s: float, unavailable_s: float) -> None:
