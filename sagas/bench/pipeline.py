@@ -148,6 +148,7 @@ def _run(
     queues = (*queues_of(definition), BENCH_QUEUE)
     clear_queues(queues, purge=config.purge)
     refuse_foreign_workers(WorkerPool(queues=queues).nodename, allow=config.allow_foreign_workers)
+    machine = reporting.machine(broker)  # its load average: before the run
     harness.prepare(sagas=config.sagas_needed)
     offset = 0
 
@@ -179,7 +180,7 @@ def _run(
         "kind": "pipeline",
         "saga_type": definition.name,
         "steps": len(definition.steps),
-        "machine": reporting.machine(broker),
+        "machine": machine,
         "config": asdict(config),
         "variants": {variant.name: variant.what for variant in VARIANTS},
         "results": _compare(runs, config.concurrency),
