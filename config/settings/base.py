@@ -299,15 +299,15 @@ CELERY_TASK_DEFAULT_QUEUE = "sagas"
 # not through handlers of Celery's own that replace the root logger's.
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Task events (received, started, succeeded) are what Flower shows tasks
-# from, so they stay on; they are the dearest of Celery's per-task machinery
-# (`manage.py bench --hops`, 2 cores: ~0.95 ms of worker CPU per task of 3.6,
-# ~1.9 ms of lone-chain latency per hop). A deployment without Flower can turn
-# them off; the worker commands pass no -E, so this setting decides. (Flower,
-# where it runs, turns them on again every 5 s: its enable_events default.)
+# from, so they stay on. The worker commands pass no -E, so this setting
+# decides (Flower, where it runs, turns them on again every 5 s: its
+# enable_events default).
 CELERY_WORKER_SEND_TASK_EVENTS = env_bool("CELERY_WORKER_SEND_TASK_EVENTS", True)
-# ... but published in batches (sagas.events): one PUBLISH per interval, or per
-# batch once it is full, instead of one per event, three per task. Monitors see
-# an event at most this late; 0 keeps Celery's flush on every loop turn.
+# ... published in batches (sagas.events): one PUBLISH per interval, or per
+# batch once it is full, instead of one per event, three per task, which had
+# made them the dearest of Celery's per-task machinery (`bench --pipeline`).
+# Monitors see an event at most this late; 0 keeps Celery's flush on every
+# loop turn.
 SAGA_TASK_EVENTS_FLUSH_MS = env_int("SAGA_TASK_EVENTS_FLUSH_MS", 100)
 SAGA_TASK_EVENTS_BATCH = env_int("SAGA_TASK_EVENTS_BATCH", 100, minimum=1)
 # No "task-sent" events: each would be one more publish on every chain hop,
