@@ -515,7 +515,8 @@ def _shift(item_id: int, deltas: dict[str, int], *, now, needed: int | None = No
     of the same statement took longer than running it.
     """
     names = tuple(sorted(deltas))
-    params = [*(deltas[name] for name in names), now, item_id]
+    stamp = Item._meta.get_field("updated_at").get_db_prep_value(now, connection)
+    params = [*(deltas[name] for name in names), stamp, item_id]
     if needed is not None:
         params.append(needed)
     with connection.cursor() as cursor:

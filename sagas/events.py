@@ -57,7 +57,13 @@ class _Scheduler:
     def __call__(self) -> None:
         if not self.pending:
             self.pending = True
-            self.hub.call_later(self.interval_s, self.flush)
+            # Armed from the loop's own thread: a threads pool sends events from its
+            # threads, and kombu's timer is not thread-safe (call_soon is, and wakes
+            # the loop). An unlocked check can at worst arm two flushes: harmless.
+            self.hub.call_soon(self._arm)
+
+    def _arm(self) -> None:
+        self.hub.call_later(self.interval_s, self.flush)
 
     def flush(self) -> None:
         self.pending = False

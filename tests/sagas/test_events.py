@@ -28,10 +28,19 @@ class StubDispatcher:
 
 class StubHub:
     def __init__(self) -> None:
+        self.soon: list[object] = []
         self.later: list[tuple[float, object]] = []
+
+    def call_soon(self, callback, *args):
+        self.soon.append(callback)
 
     def call_later(self, delay, callback, *args):
         self.later.append((delay, callback))
+
+    def run_soon(self) -> None:
+        """The loop's next turn: what was handed to it from any thread runs there."""
+        while self.soon:
+            self.soon.pop(0)()
 
 
 class StubConsumer:
@@ -49,12 +58,16 @@ def test_the_events_of_an_interval_are_flushed_once_after_it():
 
     for _ in range(30):  # thirty events buffered within one interval: one flush scheduled
         dispatcher.on_send_buffered()
+    # The timer is armed on the loop's turn, never from the sender's thread.
+    assert hub.later == []
+    hub.run_soon()
     assert [delay for delay, _ in hub.later] == [settings.SAGA_TASK_EVENTS_FLUSH_MS / 1000]
     assert dispatcher.flushes == 0
 
     hub.later.pop()[1]()  # the interval is over
     assert dispatcher.flushes == 1
     dispatcher.on_send_buffered()  # the next event starts the next batch
+    hub.run_soon()
     assert len(hub.later) == 1
 
 
