@@ -33,8 +33,10 @@ from sagas.bench.workers import (
     BenchError,
     WorkerPool,
     broker_url,
+    check_flags,
     clear_queues,
     refuse_foreign_workers,
+    worker_flag_checks,
 )
 from sagas.canvas import action_chain
 from sagas.definitions import SagaDefinition, registry
@@ -103,17 +105,18 @@ class HopsConfig:
     allow_foreign_workers: bool = False
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.chains >= 1, "--sagas must be at least 1"),
-            (self.lone >= 1, "--lone must be at least 1"),
-            (1 <= self.rounds <= 20, "--rounds must be between 1 and 20"),
-            (1 <= self.submitters <= 64, "--submitters must be between 1 and 64"),
-            (1 <= self.concurrency <= 32, "--concurrency must be between 1 and 32"),
-            (self.timeout > 0, "--timeout must be a positive number of seconds"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check_flags(
+            [
+                (self.chains >= 1, "--sagas must be at least 1"),
+                (self.lone >= 1, "--lone must be at least 1"),
+                (1 <= self.rounds <= 20, "--rounds must be between 1 and 20"),
+                *worker_flag_checks(
+                    submitters=self.submitters,
+                    concurrency=self.concurrency,
+                    timeout=self.timeout,
+                ),
+            ]
+        )
 
     @property
     def variants(self) -> list[Variant]:

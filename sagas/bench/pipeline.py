@@ -20,28 +20,25 @@ from __future__ import annotations
 
 import statistics
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from django.utils import timezone
-
 from sagas.bench import report as reporting
 from sagas.bench.cpu import CpuMeter
+from sagas.bench.runner import TRACING_OFF, harness_run
 from sagas.bench.tasks import BENCH_QUEUE
 from sagas.bench.throughput import Run, bare_job, bare_run, noop_job, saga_job, saga_run
 from sagas.bench.workers import (
     BenchError,
     WorkerPool,
-    broker_url,
+    check_flags,
     clear_queues,
     refuse_foreign_workers,
+    worker_flag_checks,
 )
-from sagas.errors import UnknownSagaType
-from sagas.harness.plugin import HarnessError, SagaHarness, clean_up_run, harness_for
-from sagas.harness.processes import describe_backends, queues_of
+from sagas.harness.plugin import SagaHarness
+from sagas.harness.processes import queues_of
 
-TRACING_OFF = {"OTEL_TRACES_EXPORTER": "none"}
 WARMUP = 10
 BASELINE = "production"
 
@@ -99,16 +96,17 @@ class PipelineConfig:
     keep: bool = False
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.sagas >= 1, "--sagas must be at least 1"),
-            (1 <= self.rounds <= 20, "--rounds must be between 1 and 20"),
-            (1 <= self.submitters <= 64, "--submitters must be between 1 and 64"),
-            (1 <= self.concurrency <= 32, "--concurrency must be between 1 and 32"),
-            (self.timeout > 0, "--timeout must be a positive number of seconds"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check_flags(
+            [
+                (self.sagas >= 1, "--sagas must be at least 1"),
+                (1 <= self.rounds <= 20, "--rounds must be between 1 and 20"),
+                *worker_flag_checks(
+                    submitters=self.submitters,
+                    concurrency=self.concurrency,
+                    timeout=self.timeout,
+                ),
+            ]
+        )
 
     @property
     def sagas_needed(self) -> int:
@@ -117,28 +115,15 @@ class PipelineConfig:
 
 
 def run_pipeline(config: PipelineConfig, echo) -> dict[str, Any]:
-    try:
-        harness = harness_for(config.saga_type, purpose="bench", run_id=uuid.uuid4().hex[:8])
-    except (UnknownSagaType, HarnessError) as exc:
-        raise ValueError(f"--saga-type: {exc}") from None
-    if not harness.has_bare_chain:
-        raise ValueError(
-            f"--pipeline compares sagas with their bare chain; {config.saga_type}'s plug-in "
-            "has none"
-        )
-    broker = broker_url()
-    echo(
-        f"bench --pipeline: {config.saga_type} sagas; using {describe_backends(broker_url=broker)}"
-    )
-    started = timezone.now()
-    bare_ids: list[str] = []
-    try:
-        return _run(config, harness, broker, echo, bare_ids)
-    finally:
-        if config.keep:
-            echo("kept what the run created (--keep)")
-        else:
-            clean_up_run(harness, task_ids=bare_ids, since=started, say=echo)
+    with harness_run(
+        config.saga_type, keep=config.keep, echo=echo, title="bench --pipeline"
+    ) as run:
+        if not run.harness.has_bare_chain:
+            raise ValueError(
+                f"--pipeline compares sagas with their bare chain; {config.saga_type}'s "
+                "plug-in has none"
+            )
+        return _run(config, run.harness, run.broker, echo, run.bare_ids)
 
 
 def _run(

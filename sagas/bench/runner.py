@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,8 +41,10 @@ from sagas.bench.workers import (
     BenchError,
     WorkerPool,
     broker_url,
+    check_flags,
     clear_queues,
     refuse_foreign_workers,
+    worker_flag_checks,
 )
 from sagas.definitions import SagaDefinition
 from sagas.errors import UnknownSagaType
@@ -84,29 +87,30 @@ class BenchConfig:
     tracing: str = "off"
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.sagas >= 1, "--sagas must be at least 1"),
-            (1 <= self.submitters <= 64, "--submitters must be between 1 and 64"),
-            (self.lone >= 1, "--lone must be at least 1"),
-            (self.failures is None or self.failures >= 1, "--failures must be at least 1"),
-            (
-                self.half_load_sagas is None or self.half_load_sagas >= 1,
-                "--half-load-sagas must be at least 1",
-            ),
-            (
-                not (self.skip_half_load and self.half_load_sagas is not None),
-                "--half-load-sagas and --skip-half-load contradict each other",
-            ),
-            (self.warmup >= 0, "--warmup must be 0 or more"),
-            (1 <= self.rounds <= self.sagas, "--rounds must be between 1 and --sagas"),
-            (1 <= self.concurrency <= 32, "--concurrency must be between 1 and 32"),
-            (self.timeout > 0, "--timeout must be a positive number of seconds"),
-            (0 <= self.profile_sagas <= 1000, "--profile-sagas must be between 0 and 1000"),
-            (self.tracing in ("off", "drop"), "--tracing must be off or drop"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        check_flags(
+            [
+                (self.sagas >= 1, "--sagas must be at least 1"),
+                (self.lone >= 1, "--lone must be at least 1"),
+                (self.failures is None or self.failures >= 1, "--failures must be at least 1"),
+                (
+                    self.half_load_sagas is None or self.half_load_sagas >= 1,
+                    "--half-load-sagas must be at least 1",
+                ),
+                (
+                    not (self.skip_half_load and self.half_load_sagas is not None),
+                    "--half-load-sagas and --skip-half-load contradict each other",
+                ),
+                (self.warmup >= 0, "--warmup must be 0 or more"),
+                (1 <= self.rounds <= self.sagas, "--rounds must be between 1 and --sagas"),
+                (0 <= self.profile_sagas <= 1000, "--profile-sagas must be between 0 and 1000"),
+                (self.tracing in ("off", "drop"), "--tracing must be off or drop"),
+                *worker_flag_checks(
+                    submitters=self.submitters,
+                    concurrency=self.concurrency,
+                    timeout=self.timeout,
+                ),
+            ]
+        )
 
     @property
     def round_sizes(self) -> list[int]:
@@ -222,25 +226,37 @@ def _latency(run, **extra: Any) -> dict[str, Any]:
 
 
 def run_bench(config: BenchConfig, echo: Echo) -> dict[str, Any]:
+    with harness_run(config.saga_type, keep=config.keep, echo=echo, title="bench run") as run:
+        return _run(config, run.harness, run.broker, echo, run.bare_ids)
+
+
+@dataclass
+class HarnessRun:
+    harness: SagaHarness
+    broker: str
+    bare_ids: list[str]  # the bare and no-op chains' last task ids, for the clean-up
+
+
+@contextmanager
+def harness_run(saga_type: str, *, keep: bool, echo: Echo, title: str) -> Iterator[HarnessRun]:
+    """The saga type's plug-in for one run, which says where it runs, and whose sagas,
+    stock and task results are deleted at the end unless ``keep``."""
     run_id = uuid.uuid4().hex[:8]
     try:
-        harness = harness_for(config.saga_type, purpose="bench", run_id=run_id)
+        harness = harness_for(saga_type, purpose="bench", run_id=run_id)
     except (UnknownSagaType, HarnessError) as exc:
         raise ValueError(f"--saga-type: {exc}") from None
     broker = broker_url()
-    echo(
-        f"bench run {run_id}: {config.saga_type} sagas; "
-        f"using {describe_backends(broker_url=broker)}"
-    )
+    echo(f"{title} {run_id}: {saga_type} sagas; using {describe_backends(broker_url=broker)}")
     started = timezone.now()
-    bare_ids: list[str] = []
+    run = HarnessRun(harness=harness, broker=broker, bare_ids=[])
     try:
-        return _run(config, harness, broker, echo, bare_ids)
+        yield run
     finally:
-        if config.keep:
+        if keep:
             echo(f"kept what run {run_id} created (--keep)")
         else:
-            clean_up_run(harness, task_ids=bare_ids, since=started, say=echo)
+            clean_up_run(harness, task_ids=run.bare_ids, since=started, say=echo)
 
 
 def _run(

@@ -35,6 +35,24 @@ class BenchError(Exception):
     """A run that cannot go on, explained in one line."""
 
 
+def check_flags(checks: list[tuple[bool, str]]) -> None:
+    """Refuse the first flag whose check fails, with its message (``ValueError``)."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def worker_flag_checks(
+    *, submitters: int, concurrency: int, timeout: float
+) -> list[tuple[bool, str]]:
+    """The checks of the flags every throughput mode takes: submitters, workers, timeout."""
+    return [
+        (1 <= submitters <= 64, "--submitters must be between 1 and 64"),
+        (1 <= concurrency <= 32, "--concurrency must be between 1 and 32"),
+        (timeout > 0, "--timeout must be a positive number of seconds"),
+    ]
+
+
 def broker_url() -> str:
     url = current_app.conf.broker_url or ""
     if not url.startswith(("redis://", "rediss://")):
