@@ -99,8 +99,12 @@ class EventListener:
 
     def __init__(self) -> None:
         self.client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.pubsub = self.client.pubsub()
         self.pubsub.psubscribe("*celeryev*")
+        # Subscribed for sure before anything is published.
+        confirmed = self.pubsub.get_message(timeout=5)
+        assert confirmed is not None, "no confirmation of the subscription"
+        assert confirmed["type"] == "psubscribe", confirmed
         self.messages: list[list[dict]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._listen, daemon=True)
@@ -109,7 +113,7 @@ class EventListener:
     def _listen(self) -> None:
         while not self._stop.is_set():
             message = self.pubsub.get_message(timeout=0.1)
-            if message is None:
+            if message is None or message["type"] != "pmessage":
                 continue
             envelope = json.loads(message["data"])
             body = envelope["body"]
