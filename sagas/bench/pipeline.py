@@ -318,9 +318,14 @@ def pipeline_table(report: dict[str, Any]) -> str:
             f"{'-' if idle is None else f'{idle:.0%}':>6}{r['rss_mb']:>8.0f}  "
             f"{len(met)}/{len(r['targets'])}"
         )
+    where = (
+        ""
+        if reporting.targets_apply(report)
+        else f" (PostgreSQL's, shown for comparison on {m['database']})"
+    )
     lines += [
         "  ratio: against 'production' in the same run; idle: the machine's idle share during",
-        "  the saga bursts; targets: issue 11's four throughput and memory targets",
+        f"  the saga bursts; targets: issue 11's four throughput and memory targets{where}",
         "  (sagas/s >= 40, >= 0.55 x no-op, saga/bare >= 0.92, RSS <= 250 MB).",
         "",
         *(f"  {name}: {what}" for name, what in report["variants"].items()),
