@@ -343,14 +343,17 @@ def test_a_tiny_bench_run_writes_every_figure_of_the_report(tmp_path, capsys):
         assert row["wire_bytes"] > 0
     assert profile["per_saga"]["sql_bookkeeping"] > 0
     # Where the CPU went in each kind of burst: the worker's share is part of the busy cores.
+    pool_cpu_s = 0.0
     for kind in ("sagas", "bare_chains", "noop_chains"):
         cpu = report["burst_cpu"][kind]
         assert cpu["cores"] == machine["cores"], kind
         assert cpu["seconds"] > 0, kind
-        assert cpu["worker_pool_cores"] > 0, kind  # the pool ran the burst's tasks
         parts = cpu["worker_main_cores"] + cpu["worker_pool_cores"] + cpu["rest_cores"]
         assert parts == pytest.approx(cpu["busy_cores"], abs=0.05), kind
         assert 0 <= cpu["idle_share"] <= 1, kind
+        pool_cpu_s += cpu["worker_pool_cores"] * cpu["seconds"]
+    # The pool ran the bursts' tasks (a tiny burst alone may take less than a clock tick).
+    assert pool_cpu_s > 0
     out = capsys.readouterr().out
     assert "per-step profile, ms" in out
     assert "CPU during the bursts" in out
