@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django_celery_results.models import TaskResult
 
 from bookings.models import Booking
@@ -458,7 +459,17 @@ def test_sagas_survive_a_worker_frozen_for_a_few_seconds(celery_worker, tmp_path
         "--timeout=240",
     )
 
-    assert_every_saga_ended(report, 150)
+    # SQLite has one writer at a time: a worker frozen inside a step's
+    # transaction holds the write lock, and a booking made meanwhile can fail
+    # with "database is locked" (reported as not submitted, not lost).
+    # PostgreSQL locks rows, and every booking goes through.
+    unsubmitted = report["sagas"]["unsubmitted"]
+    if connection.vendor == "postgresql":
+        assert unsubmitted == 0
+    else:
+        reasons = report["submit_failures"]["by_reason"]
+        assert all("database is locked" in reason for reason in reasons), reasons
+    assert_every_saga_ended(report, 150 - unsubmitted)
     assert report["faults"]["worker_freeze"] == 1
     [freeze] = report["freezes"]
     # Both are rounded to 0.01 s: 3.01 - 1.01 is 1.9999999999999998 in floats.
