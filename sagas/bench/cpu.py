@@ -12,14 +12,18 @@ Linux only; elsewhere it measures nothing and the report says so.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sagas.bench.workers import cpu_seconds
 from sagas.harness.processes import child_pids
 
 PROC_STAT = Path("/proc/stat")
+# The bursts whose CPU a report breaks down.
+BURST_KINDS = ("sagas", "bare_chains", "noop_chains")
 
 
 def machine_ticks() -> tuple[int, int] | None:
@@ -108,3 +112,25 @@ class CpuMeter:
             "rest_cores": cores(max(0.0, self.busy_s - worker)),
             "idle_share": round(self.idle_s / (self.busy_s + self.idle_s), 3),
         }
+
+
+_R = TypeVar("_R")
+
+
+class BurstMeters:
+    """One :class:`CpuMeter` per kind of burst (``BURST_KINDS``) of one worker."""
+
+    def __init__(self, main_pid: int) -> None:
+        self.meters = {kind: CpuMeter(main_pid) for kind in BURST_KINDS}
+
+    def run(self, kind: str, burst: Callable[[], _R]) -> _R:
+        """``burst()``, its CPU added to ``kind``'s."""
+        meter = self.meters[kind]
+        meter.start(time.monotonic())
+        try:
+            return burst()
+        finally:
+            meter.stop(time.monotonic())
+
+    def as_dict(self) -> dict[str, dict[str, Any] | None]:
+        return {kind: meter.as_dict() for kind, meter in self.meters.items()}

@@ -147,6 +147,11 @@ def targets_apply(report: dict[str, Any]) -> bool:
     return str(report.get("machine", {}).get("database", "")).lower().startswith(TARGETS_DATABASE)
 
 
+def met(target: Target, report: dict[str, Any]) -> bool | None:
+    """Whether ``report`` meets ``target`` (None: the figure or its scale is missing)."""
+    return passes(lookup(report, target.path), target.comparison, _bound(target, report)[0])
+
+
 def judge(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     verdicts = {}
     for target in TARGETS:
@@ -157,7 +162,7 @@ def judge(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "target": written,
             "bound": bound,
             "value": value,
-            "pass": passes(value, target.comparison, bound),
+            "pass": met(target, report),
         }
         if target.path in BARE_BOUNDS:
             bare = lookup(report, BARE_BOUNDS[target.path])

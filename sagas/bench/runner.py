@@ -20,7 +20,7 @@ from sagas import tracing
 from sagas.bench import profile as profiling
 from sagas.bench import report as reporting
 from sagas.bench import tracing_cost
-from sagas.bench.cpu import CpuMeter
+from sagas.bench.cpu import BurstMeters
 from sagas.bench.sqlcount import count_sql, counting, time_steps
 from sagas.bench.tasks import BENCH_QUEUE, NOOP
 from sagas.bench.throughput import (
@@ -62,8 +62,6 @@ STEP_TIMING_SAGAS = 20
 TRACING_OFF = {"OTEL_TRACES_EXPORTER": "none"}
 # Sagas and no-op chains the profiling worker runs before the profiled ones.
 PROFILE_WARMUP = 2
-# The bursts whose CPU the report breaks down (sagas.bench.cpu).
-BURST_KINDS = ("sagas", "bare_chains", "noop_chains")
 
 
 @dataclass(frozen=True)
@@ -304,15 +302,8 @@ def _run(
     echo(f"starting the worker: {config.concurrency} prefork processes, log {pool.logfile}")
     try:
         pool.start()
-        meters = {kind: CpuMeter(pool.process.pid) for kind in BURST_KINDS}
-
-        def metered(kind: str, burst: Callable[[], Run]) -> Run:
-            meters[kind].start(time.monotonic())
-            try:
-                return burst()
-            finally:
-                meters[kind].stop(time.monotonic())
-
+        meters = BurstMeters(pool.process.pid)
+        metered = meters.run
         # One of each, counting what submitting costs (the publish included).
         with counting() as submit_saga:
             first_saga = saga_job(harness, offset=next_offset(1))(0)
@@ -521,7 +512,7 @@ def _run(
             },
             "sql_per_step": sql,
             "in_process_step_ms": in_process,
-            "burst_cpu": {kind: meter.as_dict() for kind, meter in meters.items()},
+            "burst_cpu": meters.as_dict(),
             "worker_rss_mb": rss["total"],
             "worker_rss": rss,
         }

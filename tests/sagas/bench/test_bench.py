@@ -396,11 +396,12 @@ def test_bench_pipeline_compares_worker_pipelines_with_the_production_worker(tmp
             result["sagas_per_s"] / result["bare_chains_per_s"], 3
         ), name
         assert set(result["targets"]) == {
-            "sagas_per_s >= 40",
-            "sagas_per_s >= 0.55 x no-op",
-            "saga / bare >= 0.92",
-            "worker RSS <= 250 MB",
+            "sagas_per_s",
+            "sagas_per_s_vs_noop",
+            "overhead_ratio",
+            "worker_rss_mb",
         }
+        assert all(isinstance(ok, bool) for ok in result["targets"].values()), name
         assert 0 <= result["idle_share"]["sagas"] <= 1, name
     out = capsys.readouterr().out
     assert "events unbatched" in out
