@@ -118,9 +118,9 @@ class Command(BaseCommand):
             action="store_true",
             help="measure what bounds the throughput instead: sagas, bare chains and no-op "
             "chains in bursts on a worker restarted per variant of its pipeline (a pool process "
-            "more, prefetch 2, no task events), as ratios to the production worker's; takes "
-            "--sagas (per burst) [200], --rounds [2], --saga-type, --submitters, --concurrency, "
-            "--timeout, --purge, --allow-foreign-workers, --keep",
+            "more, prefetch 2, task events unbatched or off), as ratios to the production "
+            "worker's; takes --sagas (per burst) [200], --rounds [2], --saga-type, --submitters, "
+            "--concurrency, --timeout, --purge, --allow-foreign-workers, --keep",
         )
         parser.add_argument("--runs", type=int, help="--scale: timed requests per page [5]")
         parser.add_argument(
